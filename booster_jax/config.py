@@ -1,0 +1,496 @@
+"""Typed run configuration: dataclasses whose defaults are the paper's protocol.
+
+`load_config` is a pure function of YAML files and `key=value` strings: every
+problem (unknown key, wrong type, out-of-range value, bad grid variant) is
+collected and raised as one `BoosterInputError` before any model or data is
+touched, so a long run never dies on a typo an hour in.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import hashlib
+import json
+import math
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping, Sequence
+
+import yaml
+
+from booster_jax.errors import BoosterInputError
+
+ALIGN_METHODS = ("sft", "booster", "vaccine", "repnoise", "booster_vaccine")
+BOOSTER_FAMILY = ("booster", "booster_vaccine")  # keep training their alignment LoRA
+FINETUNE_METHODS = ("sft", "lisa")
+TASKS = ("sst2", "agnews", "gsm8k", "alpaca")
+JUDGES = ("beaver_dam", "synthetic", "keyword-refusal")
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+DTYPES = ("float32", "bfloat16")
+SCHEDULES = ("constant", "linear", "cosine")
+
+# Range checks: (what was expected, predicate). Applied element-wise to lists.
+POS = ("a value > 0", lambda v: v > 0)
+NONNEG = ("a value >= 0", lambda v: v >= 0)
+UNIT = ("a value in [0, 1]", lambda v: 0 <= v <= 1)
+UNIT_OPEN = ("a value in [0, 1)", lambda v: 0 <= v < 1)
+DEVICES = ("-1 (all remaining devices) or a value >= 1", lambda v: v == -1 or v >= 1)
+GRAD_NORM = ("a value >= 0 or null (0/null = no clipping)", lambda v: v is None or v >= 0)
+
+
+def _f(default, check=None, choices=None, nonempty=False):
+    """A dataclass field carrying its validation rule in metadata."""
+    meta = {"check": check, "choices": choices, "nonempty": nonempty}
+    if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str = ""  # local HF dir or hub id; "" = the embedded synthetic world
+    dtype: str = _f("bfloat16", choices=DTYPES)  # compute dtype
+    param_dtype: str = _f("bfloat16", choices=DTYPES)
+    add_pad_token: bool = True  # add [PAD], new embedding rows = mean (official code)
+    scan_layers: bool = True
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    r: int = _f(32, POS)
+    alpha: float = _f(4.0, POS)
+    dropout: float = _f(0.0, UNIT_OPEN)
+    targets: list[str] = _f(["q_proj", "k_proj", "v_proj"], choices=LORA_TARGETS, nonempty=True)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW; the lr default is the alignment one (fine-tuning overrides it)."""
+    lr: float = _f(5e-4, POS)
+    weight_decay: float = _f(0.1, NONNEG)
+    max_grad_norm: float | None = _f(1.0, GRAD_NORM)
+    schedule: str = _f("constant", choices=SCHEDULES)
+    warmup_steps: int = _f(0, NONNEG)
+    b1: float = _f(0.9, UNIT_OPEN)
+    b2: float = _f(0.999, UNIT_OPEN)
+    eps: float = _f(1e-8, POS)
+
+
+@dataclass(frozen=True)
+class BoosterConfig:
+    lam: float = _f(5.0, NONNEG)
+    alpha: float = _f(0.1, NONNEG)
+    perturbed_term: bool = True  # False = the paper's ablation without -lam * g2
+    eps: float = _f(1e-7, POS)
+
+
+@dataclass(frozen=True)
+class VaccineConfig:
+    rho: float = _f(2.0, NONNEG)
+
+
+@dataclass(frozen=True)
+class RepNoiseConfig:
+    alpha: float = _f(1.0, NONNEG)  # gradient-ascent coefficient
+    beta: float = _f(0.001, NONNEG)  # noise coefficient
+
+
+@dataclass(frozen=True)
+class LisaConfig:
+    rho: float = _f(1.0, NONNEG)  # proximal coefficient
+    align_steps: int = _f(100, NONNEG)  # official bi-state step counts
+    finetune_steps: int = _f(900, NONNEG)
+
+
+@dataclass(frozen=True)
+class AlignConfig:
+    method: str = _f("booster", choices=ALIGN_METHODS)
+    epochs: int = _f(20, NONNEG)
+    max_steps: int = _f(0, NONNEG)  # 0 = epochs decide
+    batch_size: int = _f(10, POS)
+    optim: OptimConfig = _f(OptimConfig(lr=5e-4))
+    booster: BoosterConfig = _f(BoosterConfig())
+    vaccine: VaccineConfig = _f(VaccineConfig())
+    repnoise: RepNoiseConfig = _f(RepNoiseConfig())
+    warmup_sft_steps: int = _f(0, NONNEG)  # deviation: plain SFT steps before the method
+    benign_mix: float = _f(0.0, UNIT_OPEN)  # fraction of benign instruction data; 0 = paper
+    harmful_batch_size: int = _f(10, POS)
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    method: str = _f("sft", choices=FINETUNE_METHODS)
+    epochs: int = _f(20, NONNEG)
+    max_steps: int = _f(0, NONNEG)
+    batch_size: int = _f(10, POS)
+    optim: OptimConfig = _f(OptimConfig(lr=1e-5))
+    lisa: LisaConfig = _f(LisaConfig())
+    # auto: Booster-family methods continue their alignment LoRA, others merge it
+    # into the base and train a fresh LoRA (as the official code).
+    continue_alignment_lora: str = _f("auto", choices=("auto", "always", "never"))
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    alignment_file: str = ""  # refusal-format json; "" = synthetic world
+    align_start: int = _f(5001, NONNEG)
+    align_end: int = _f(10000, POS)
+    task: str = _f("sst2", choices=TASKS)
+    task_file: str = ""
+    task_eval_file: str = ""
+    eval_harmful_file: str = ""
+    n_finetune: int = _f(1000, POS)
+    harmful_ratio: float = _f(0.1, UNIT)
+    n_eval_harmful: int = _f(1000, NONNEG)
+    n_eval_task: int = _f(872, NONNEG)
+    max_length: int = _f(256, POS)
+    bucket_lengths: list[int] = _f([64, 128, 256], POS, nonempty=True)
+    skip_bad_rows: bool = False
+    benign_file: str = ""  # instruction file for align.benign_mix
+    seed: int = 42
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    judge: str = _f("beaver_dam", choices=JUDGES)
+    judge_path: str = ""
+    max_new_tokens_harmful: int = _f(512, POS)
+    max_new_tokens_task: int = _f(64, POS)
+    batch_size: int = _f(16, POS)
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    data: int = _f(-1, DEVICES)
+    fsdp: int = _f(1, POS)
+    tensor: int = _f(1, POS)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    output_dir: str = "runs/default"
+    seed: int = 42
+    checkpoint_every: int = _f(100, NONNEG)  # steps; 0 = only at the end
+    keep_last: int = _f(2, POS)
+    log_every: int = _f(10, POS)
+
+
+@dataclass(frozen=True)
+class GridConfig:
+    # name -> {dotted key: value}; empty = the base config alone
+    variants: dict[str, dict[str, Any]] = _f({})
+    harmful_ratios: list[float] = _f([0.1], UNIT, nonempty=True)
+    seeds: list[int] = _f([42], nonempty=True)
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = _f(ModelConfig())
+    lora: LoraConfig = _f(LoraConfig())
+    data: DataConfig = _f(DataConfig())
+    align: AlignConfig = _f(AlignConfig())
+    finetune: FinetuneConfig = _f(FinetuneConfig())
+    eval: EvalConfig = _f(EvalConfig())
+    mesh: MeshConfig = _f(MeshConfig())
+    run: RunConfig = _f(RunConfig())
+    grid: GridConfig = _f(GridConfig())
+
+
+# ---------------------------------------------------------------- coercion
+
+_BAD = object()  # marks a value that failed coercion (already reported)
+
+
+class _Problems:
+    def __init__(self):
+        self.lines: list[str] = []
+        self.keys: set[str] = set()  # keys that fell back to their default
+
+    def add(self, key: str, msg: str) -> None:
+        self.lines.append(f"{key}: {msg}")
+        self.keys.add(key.split("[")[0])
+
+    def raise_if_any(self, source: str) -> None:
+        if self.lines:
+            where = f" ({source})" if source else ""
+            n = len(self.lines)
+            head = f"invalid configuration{where}: {n} problem{'s' * (n != 1)}"
+            raise BoosterInputError("\n".join([head] + ["  " + l for l in self.lines]))
+
+
+def _all_paths(cls, prefix="") -> list[str]:
+    """Every dotted key of the schema, sections included."""
+    out = []
+    for name, tp in typing.get_type_hints(cls).items():
+        out.append(prefix + name)
+        if dataclasses.is_dataclass(tp):
+            out += _all_paths(tp, prefix + name + ".")
+    return out
+
+
+def _suggest(name: str, siblings: Iterable[str], prefix: str) -> str:
+    close = difflib.get_close_matches(name, list(siblings), n=1, cutoff=0.6)
+    if close:
+        return f" (did you mean '{prefix}{close[0]}'?)"
+    # the right name in the wrong section, e.g. align.lam -> align.booster.lam
+    elsewhere = [p for p in _all_paths(Config) if p.rsplit(".", 1)[-1] == name]
+    elsewhere.sort(key=lambda p: not p.startswith(prefix))  # same section first
+    return f" (did you mean {' or '.join(map(repr, elsewhere[:3]))}?)" if elsewhere else ""
+
+
+def _flatten(d: Mapping, prefix="") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _coerce(v, tp, key: str, probs: _Problems):
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(v, tp, key + ".", probs)
+    if origin in (typing.Union, types.UnionType):  # Optional[X]
+        if v is None:
+            return None
+        return _coerce(v, next(a for a in args if a is not type(None)), key, probs)
+    if origin is list:
+        if not isinstance(v, (list, tuple)):
+            probs.add(key, f"expected a list, got {v!r}")
+            return _BAD
+        return [_coerce(x, args[0], f"{key}[{i}]", probs) for i, x in enumerate(v)]
+    if origin is dict:  # grid.variants: name -> {dotted key: value}
+        if not isinstance(v, Mapping):
+            probs.add(key, f"expected a mapping of name -> overrides, got {v!r}")
+            return _BAD
+        out = {}
+        for name, ov in v.items():
+            if not isinstance(ov, Mapping) and ov is not None:
+                probs.add(f"{key}.{name}", f"expected a mapping of dotted overrides, got {ov!r}")
+            elif not re.fullmatch(r"[A-Za-z0-9_.+-]+", str(name)):
+                probs.add(f"{key}.{name}", "variant names must be usable as directory names")
+            else:
+                out[str(name)] = _flatten(ov or {})
+        return out
+    if tp is Any:
+        return v
+    ok = _scalar(v, tp)
+    if ok is _BAD:
+        probs.add(key, f"expected {getattr(tp, '__name__', tp)}, got {v!r}")
+    return ok
+
+
+def _scalar(v, tp):
+    """v as bool/int/float/str, or _BAD. Never reads True as 1."""
+    if tp is bool or isinstance(v, bool):
+        return v if tp is bool and isinstance(v, bool) else _BAD
+    if tp is int:
+        if isinstance(v, float) and v.is_integer() or isinstance(v, str) and re.fullmatch(r"\s*[-+]?\d+\s*", v):
+            return int(v)
+        return v if isinstance(v, int) else _BAD
+    if tp is float and isinstance(v, (int, float, str)):
+        try:  # YAML 1.1 reads "1e-5" as a string
+            x = float(v)
+        except ValueError:
+            return _BAD
+        return x if math.isfinite(x) else _BAD
+    if tp is str:  # a bare number is a fine path or name
+        return v if isinstance(v, str) else (str(v) if isinstance(v, (int, float)) else _BAD)
+    return _BAD
+
+
+def _check(value, f: dataclasses.Field, key: str, probs: _Problems) -> bool:
+    n_before = len(probs.lines)
+    meta = f.metadata
+    items = value if isinstance(value, list) else [value]
+    if meta.get("nonempty") and not value:
+        probs.add(key, "expected a non-empty list")
+    for i, x in enumerate(items):
+        if x is _BAD:  # already reported; still range-check its neighbours
+            continue
+        k = f"{key}[{i}]" if isinstance(value, list) else key
+        if meta.get("choices") and x not in meta["choices"]:
+            close = difflib.get_close_matches(str(x), meta["choices"], n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            probs.add(k, f"expected one of {', '.join(meta['choices'])}, got {x!r}{hint}")
+        if meta.get("check") and not meta["check"][1](x):
+            probs.add(k, f"expected {meta['check'][0]}, got {x!r}")
+    return len(probs.lines) == n_before
+
+
+def _build(raw, cls, prefix: str, probs: _Problems):
+    """Build dataclass `cls` from a mapping, reporting every problem into `probs`."""
+    if not isinstance(raw, Mapping):
+        probs.add(prefix.rstrip("."), f"expected a mapping, got {raw!r}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for k in raw:
+        if k not in names:
+            probs.add(prefix + str(k), "unknown key" + _suggest(str(k), names, prefix))
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in raw:
+            continue  # dataclass default
+        key = prefix + f.name
+        value = _coerce(raw[f.name], hints[f.name], key, probs)
+        bad_item = isinstance(value, list) and any(x is _BAD for x in value)
+        if value is not _BAD and _check(value, f, key, probs) and not bad_item:
+            kwargs[f.name] = value  # else keep the default so later checks stay sane
+    return cls(**kwargs)
+
+
+def _cross_checks(cfg: Config, probs: _Problems) -> None:
+    d = cfg.data
+    if d.align_start >= d.align_end and not {"data.align_start", "data.align_end"} & probs.keys:
+        probs.add("data.align_start", f"expected < data.align_end ({d.align_end}), got {d.align_start}")
+    if len(set(cfg.lora.targets)) != len(cfg.lora.targets):
+        probs.add("lora.targets", f"expected no duplicates, got {cfg.lora.targets}")
+    for name, ov in cfg.grid.variants.items():
+        if any(k == "grid" or k.startswith("grid.") for k in ov):
+            probs.add(f"grid.variants.{name}", "a variant may not override grid.*")
+            continue
+        sub = _Problems()
+        base = config_to_dict(cfg)
+        base["grid"]["variants"] = {}  # a variant is checked alone, not recursively
+        _set_all(base, ov, sub)
+        _from_raw(base, sub)
+        for line in sub.lines:
+            probs.add(f"grid.variants.{name}", line)
+
+
+# ---------------------------------------------------------------- public API
+
+def config_to_dict(cfg) -> dict:
+    """Plain nested dict (lists, not tuples) that JSON and YAML can write."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def _set_path(raw: dict, dotted: str, value, probs: _Problems) -> None:
+    parts = dotted.split(".")
+    node = raw
+    for i, p in enumerate(parts[:-1]):
+        nxt = node.get(p)
+        if nxt is None:
+            nxt = node[p] = {}
+        if not isinstance(nxt, dict):
+            probs.add(dotted, f"'{'.'.join(parts[:i + 1])}' is a value, not a section")
+            return
+        node = nxt
+    node[parts[-1]] = copy.deepcopy(value)
+
+
+def _set_all(raw: dict, overrides: Mapping[str, Any], probs: _Problems) -> None:
+    for k, v in overrides.items():
+        _set_path(raw, str(k), v, probs)
+
+
+def _from_raw(raw: Mapping, probs: _Problems) -> Config:
+    # Merge onto the full defaults so a partial section keeps its parent's
+    # defaults (finetune.optim.lr stays 1e-5 when only weight_decay is given).
+    cfg = _build(_merge(config_to_dict(Config()), raw), Config, "", probs)
+    _cross_checks(cfg, probs)  # bad values fell back to defaults, so this is safe
+    return cfg
+
+
+def config_from_dict(data: Mapping, source: str = "") -> Config:
+    """Validated Config from a (possibly partial) nested dict; missing keys = defaults."""
+    probs = _Problems()
+    cfg = _from_raw(data, probs)
+    probs.raise_if_any(source)
+    return cfg
+
+
+def apply_overrides(cfg: Config, overrides: Mapping[str, Any]) -> Config:
+    """New validated Config with {dotted key: value} applied (expands grid variants)."""
+    probs = _Problems()
+    raw = config_to_dict(cfg)
+    _set_all(raw, overrides, probs)
+    new = _from_raw(raw, probs)
+    probs.raise_if_any("overrides")
+    return new
+
+
+def _merge(base: dict, over: Mapping) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(out.get(k), dict) and isinstance(v, Mapping) else v
+    return out
+
+
+def _read_yaml(path: str, seen: tuple[str, ...] = ()) -> dict:
+    """A YAML mapping with its `base:` chain merged underneath it."""
+    real = os.path.realpath(path)
+    if real in seen:
+        raise BoosterInputError(f"{path}: 'base' chain loops back to itself")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)
+    except OSError as e:
+        raise BoosterInputError(f"{path}: cannot read config file ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        raise BoosterInputError(f"{path}: not valid YAML: {e}") from None
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise BoosterInputError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise BoosterInputError(f"{path}: 'base' must be a file name, got {base!r}")
+    base_path = os.path.join(os.path.dirname(path), base)
+    return _merge(_read_yaml(base_path, seen + (real,)), data)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'a.b=value' -> ('a.b', value parsed as a YAML scalar or list)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise BoosterInputError(f"override {text!r}: expected key=value, e.g. align.booster.lam=1")
+    if not value.strip():
+        return key.strip(), ""
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.YAMLError:
+        return key.strip(), value
+
+
+def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Defaults <- YAML (with its `base:` chain) <- `key=value` overrides, validated."""
+    raw = _read_yaml(path) if path else {}
+    probs = _Problems()
+    for text in overrides:
+        try:
+            _set_path(raw, *parse_override(text), probs)
+        except BoosterInputError as e:
+            probs.lines.append(str(e))
+    cfg = _from_raw(raw, probs)
+    probs.raise_if_any(" + ".join(filter(None, [path, "overrides" if overrides else ""])))
+    return cfg
+
+
+def config_fingerprint(cfg: Config, sections: Sequence[str] | None = None) -> str:
+    """sha256 of the canonical JSON of the given (possibly dotted) sections; None = all."""
+    d = config_to_dict(cfg)
+    picked = {}
+    for s in sections if sections is not None else sorted(d):
+        node = d
+        for p in s.split("."):
+            node = node[p]
+        picked[s] = node
+    blob = json.dumps(picked, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def save_config(cfg: Config, path: str) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w", encoding="utf-8") as fh:
+        yaml.safe_dump(config_to_dict(cfg), fh, sort_keys=False)
