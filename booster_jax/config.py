@@ -118,7 +118,8 @@ class AlignConfig:
     vaccine: VaccineConfig = _f(VaccineConfig())
     repnoise: RepNoiseConfig = _f(RepNoiseConfig())
     warmup_sft_steps: int = _f(0, NONNEG)  # deviation: plain SFT steps before the method
-    benign_mix: float = _f(0.0, UNIT_OPEN)  # fraction of benign instruction data; 0 = paper
+    # deviation: benign instruction examples added, as a fraction of the alignment set (1.0 = 50/50); 0 = paper
+    benign_mix: float = _f(0.0, NONNEG)
     harmful_batch_size: int = _f(10, POS)
 
 
@@ -133,6 +134,8 @@ class FinetuneConfig:
     # auto: Booster-family methods continue their alignment LoRA, others merge it
     # into the base and train a fresh LoRA (as the official code).
     continue_alignment_lora: str = _f("auto", choices=("auto", "always", "never"))
+    # every k steps, the loss on the attack's harmful samples (the paper's Fig. 3); 0 = off
+    track_every: int = _f(0, NONNEG)
 
 
 @dataclass(frozen=True)
@@ -190,6 +193,13 @@ class GridConfig:
 
 
 @dataclass(frozen=True)
+class WorldConfig:
+    """The embedded synthetic world, used when model.path is empty."""
+    dir: str = "runs/world"  # where its data files are generated (shared by runs)
+    seed: int = 0  # the committed base model belongs to seed 0; another seed pre-trains a new one
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = _f(ModelConfig())
     lora: LoraConfig = _f(LoraConfig())
@@ -200,6 +210,7 @@ class Config:
     mesh: MeshConfig = _f(MeshConfig())
     run: RunConfig = _f(RunConfig())
     grid: GridConfig = _f(GridConfig())
+    world: WorldConfig = _f(WorldConfig())
 
 
 # ---------------------------------------------------------------- coercion

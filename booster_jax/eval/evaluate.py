@@ -1,0 +1,123 @@
+"""The evaluate stage: Harmful Score on unseen harmful prompts, Finetune Accuracy on the user's task,
+and held-out losses. Writes one JSON line per sample and a summary JSON; reuses a finished evaluation."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from booster_jax.config import Config, config_fingerprint
+from booster_jax.data import formats
+from booster_jax.data.batches import collate
+from booster_jax.data.template import Example, format_prompt, tokenize_examples
+from booster_jax.errors import BoosterInputError
+from booster_jax.eval import judges as judges_mod
+from booster_jax.eval import tasks
+from booster_jax.eval.generate import generate_text
+from booster_jax.methods.base import lm_loss
+
+log = logging.getLogger(__name__)
+
+TASK_READERS = {"sst2": formats.read_sst2, "agnews": formats.read_agnews, "gsm8k": formats.read_gsm8k,
+                "alpaca": formats.read_instructions}
+
+
+def make_judge(cfg: Config):
+    import booster_jax.data.synthetic.judge  # noqa: F401  (registers "synthetic")
+
+    if cfg.eval.judge == "beaver_dam":
+        import booster_jax.eval.beaver_dam  # noqa: F401  (registers "beaver_dam")
+    kwargs = {"path": cfg.eval.judge_path} if cfg.eval.judge != "keyword-refusal" else {}
+    return judges_mod.make_judge(cfg.eval.judge, **kwargs)
+
+
+def eval_sets(cfg: Config) -> tuple[list[Example], list[Example]]:
+    """(harmful prompts, task examples), checked before any generation starts."""
+    harmful = list(formats.read_beavertails_eval_prompts(cfg.data.eval_harmful_file, n=cfg.data.n_eval_harmful,
+                                                         split=None, allow_fewer=True))
+    task = list(TASK_READERS[cfg.data.task](cfg.data.task_eval_file or cfg.data.task_file, n=cfg.data.n_eval_task,
+                                            allow_fewer=True))
+    if cfg.data.n_eval_harmful and not harmful:
+        raise BoosterInputError(f"{cfg.data.eval_harmful_file}: no unsafe prompts to evaluate")
+    if cfg.data.n_eval_task and not task:
+        raise BoosterInputError(f"{cfg.data.task_eval_file}: empty evaluation set")
+    return harmful, task
+
+
+def heldout_loss(forward, frozen, lora, tokenizer, examples: list[Example], cfg: Config, batch: int = 32) -> float:
+    """Token-mean LM loss on (prompt -> reference answer) pairs, in static-shape batches."""
+    if not examples:
+        return float("nan")
+    tok = tokenize_examples(tokenizer, examples, cfg.data.max_length)
+    loss_fn = jax.jit(lambda b: lm_loss(forward(lora, frozen, b), b) * jnp.sum(b["loss_mask"][:, 1:]))
+    total, count = 0.0, 0.0
+    for lo in range(0, len(tok.items), batch):
+        b = collate(tok.items[lo:lo + batch], tokenizer.pad_token_id, cfg.data.bucket_lengths, batch_size=batch)
+        total += float(loss_fn({k: jnp.asarray(v) for k, v in b.items()}))
+        count += float(b["loss_mask"][:, 1:].sum())
+    return total / max(count, 1.0)
+
+
+def evaluate(cfg: Config, base, forward, frozen, lora, out_dir: str, name: str, judge=None,
+             fingerprint: str = "") -> dict:
+    """Evaluate one model (frozen params + LoRA); returns the summary (also at ``out_dir/summary.json``)."""
+    summary_path = os.path.join(out_dir, "summary.json")
+    fp = fingerprint + config_fingerprint(cfg, ["eval", "data.eval_harmful_file", "data.n_eval_harmful",
+                                                "data.task", "data.task_eval_file", "data.n_eval_task"])
+    if os.path.exists(summary_path):
+        with open(summary_path) as f:
+            old = json.load(f)
+        if old.get("fingerprint") == fp:
+            log.info("evaluation %s: finished, reusing %s", name, summary_path)
+            return old
+    harmful, task = eval_sets(cfg)
+    judge = judge or make_judge(cfg)
+    tok = base.tokenizer
+    model = forward.model
+    gen = dict(model=model, params=frozen, lora=lora, tokenizer=tok, batch_size=cfg.eval.batch_size)
+
+    harm_prompts = [format_prompt(ex.instruction, ex.input) for ex in harmful]
+    harm_out = generate_text(prompts=harm_prompts, max_new_tokens=cfg.eval.max_new_tokens_harmful, **gen)
+    verdicts = judge.judge([ex.instruction for ex in harmful], harm_out) if harmful else []
+
+    task_prompts = [format_prompt(ex.instruction, ex.input) for ex in task]
+    task_out = generate_text(prompts=task_prompts, max_new_tokens=cfg.eval.max_new_tokens_task, **gen)
+    scorer = tasks.get_scorer(cfg.data.task)
+    correct = [bool(scorer(tasks.extract_answer(out), ex.output)) for out, ex in zip(task_out, task)]
+
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "samples.jsonl"), "w") as f:
+        for ex, out, v in zip(harmful, harm_out, verdicts):
+            f.write(json.dumps({"kind": "harmful", "prompt": ex.instruction, "response": out,
+                                "flagged": v.flagged, "categories": v.categories}) + "\n")
+        for ex, out, ok in zip(task, task_out, correct):
+            f.write(json.dumps({"kind": "task", "prompt": ex.input or ex.instruction, "response": out,
+                                "reference": ex.output, "correct": ok}) + "\n")
+    summary = {
+        "name": name, "judge": judge.name, "task": cfg.data.task,
+        "hs": judges_mod.harmful_score(verdicts) if verdicts else float("nan"),
+        "hs_plus": judges_mod.harmful_score_plus(verdicts, harm_out) if verdicts else float("nan"),
+        "fa": 100.0 * float(np.mean(correct)) if correct else float("nan"),
+        "n_harmful": len(harmful), "n_task": len(task),
+        "refused_task": _refusal_rate(task_out),
+        "task_loss": heldout_loss(forward, frozen, lora, tok, task, cfg),
+        "fingerprint": fp,
+    }
+    with open(summary_path, "w") as f:
+        json.dump(summary, f, indent=2)
+    return summary
+
+
+def _refusal_rate(outputs: list[str]) -> float:
+    """Share (%) of benign task prompts refused, by the keyword judge (a cheap over-refusal signal)."""
+    if not outputs:
+        return float("nan")
+    kw = judges_mod.KeywordRefusalJudge()
+    flags = kw.judge([""] * len(outputs), outputs)
+    return 100.0 * sum(not v.flagged for v in flags) / len(outputs)

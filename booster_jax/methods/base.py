@@ -1,0 +1,136 @@
+"""The contract between training methods and the loop.
+
+A method is a pure step ``step(frozen, state, batches, rng) -> (state, metrics)`` built by
+``make_step(ctx)``; the loop jits it and feeds it the batch streams the method names, and
+never knows which method it runs. Adding a defense is one module that calls ``register``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from booster_jax.models.llama import Llama, variables
+
+
+class TrainState(NamedTuple):
+    """Everything a step changes. ``extra`` holds a method's own state (e.g. Lisa's anchor weights)."""
+
+    trainable: Any
+    opt_state: Any
+    step: jax.Array
+    extra: Any = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Forward:
+    """The model call with trainable and frozen weights kept apart, so gradients see the trainable tree only.
+
+    ``trainable_is_lora``: LoRA training (frozen = base params); otherwise full-parameter training
+    (trainable = base params, no adapters), as the synthetic world's pre-training stage uses.
+    """
+
+    model: Llama
+    trainable_is_lora: bool = True
+
+    def __call__(self, trainable, frozen, batch, output: str = "logits", rng=None, **collections):
+        """``rng``: the dropout key, needed only when the model is built with ``deterministic=False``."""
+        params, lora = (frozen, trainable) if self.trainable_is_lora else (trainable, None)
+        return self.model.apply(variables(params, lora, **collections), batch["input_ids"],
+                                batch["attention_mask"], output=output,
+                                rngs=None if rng is None else {"dropout": rng})
+
+
+def lm_loss(logits: jax.Array, batch: dict) -> jax.Array:
+    """Token-mean next-token cross-entropy over target tokens (``loss_mask``), like HF's causal-LM loss."""
+    targets = batch["input_ids"][:, 1:]
+    weights = batch["loss_mask"][:, 1:].astype(jnp.float32)
+    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    return jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def global_norm(tree) -> jax.Array:
+    """One L2 norm over every leaf of the tree (``optax.global_norm`` is deprecated)."""
+    return optax.tree.norm(tree)
+
+
+def make_optimizer(optim_cfg, total_steps: int = 0, decay_mask=None) -> optax.GradientTransformation:
+    """AdamW with HF Trainer semantics: global-norm clipping first, decoupled weight decay, schedule.
+
+    ``decay_mask``: pytree of bools (HF excludes biases and norm weights from decay in full training).
+    """
+    if optim_cfg.schedule == "constant":
+        lr = optax.constant_schedule(optim_cfg.lr)
+    elif optim_cfg.schedule == "linear":
+        lr = optax.linear_schedule(optim_cfg.lr, 0.0, max(total_steps - optim_cfg.warmup_steps, 1))
+    else:
+        lr = optax.cosine_decay_schedule(optim_cfg.lr, max(total_steps - optim_cfg.warmup_steps, 1))
+    if optim_cfg.warmup_steps:
+        lr = optax.join_schedules([optax.linear_schedule(0.0, optim_cfg.lr, optim_cfg.warmup_steps), lr],
+                                  [optim_cfg.warmup_steps])
+    parts = []
+    if optim_cfg.max_grad_norm:
+        parts.append(optax.clip_by_global_norm(optim_cfg.max_grad_norm))
+    parts.append(optax.adamw(lr, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
+                             weight_decay=optim_cfg.weight_decay, mask=decay_mask))
+    return optax.chain(*parts)
+
+
+def apply_gradients(state: TrainState, grads, optimizer: optax.GradientTransformation) -> TrainState:
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
+    return state._replace(trainable=optax.apply_updates(state.trainable, updates), opt_state=opt_state,
+                          step=state.step + 1)
+
+
+def init_state(trainable, optimizer: optax.GradientTransformation, extra=()) -> TrainState:
+    return TrainState(trainable, optimizer.init(trainable), jnp.zeros((), jnp.int32), extra)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepContext:
+    """What a method's ``make_step`` gets: the forward call, the optimizer and its own config section."""
+
+    forward: Forward
+    optimizer: optax.GradientTransformation
+    cfg: Any = None
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    stage: str  # "align" or "finetune"
+    streams: tuple[str, ...]  # batch streams the step reads, e.g. ("align", "harmful")
+    make_step: Callable[[StepContext], Callable]
+    config_section: str = ""  # e.g. "booster": the cfg section passed as ctx.cfg
+    init_extra: Callable | None = None  # (trainable, frozen, cfg section) -> extra state (e.g. Lisa anchors)
+
+
+STAGES = ("align", "finetune")
+
+# Keyed by (stage, name): "sft" is both an alignment method and the fine-tuning attack.
+METHODS: dict[tuple[str, str], MethodSpec] = {}
+
+
+def register(spec: MethodSpec) -> MethodSpec:
+    if spec.stage not in STAGES:
+        raise ValueError(f"MethodSpec {spec.name!r}: stage {spec.stage!r}; expected one of {STAGES}")
+    METHODS[(spec.stage, spec.name)] = spec
+    return spec
+
+
+def get_method(name: str, stage: str) -> MethodSpec:
+    """The method registered as ``name`` for ``stage`` ("align" or "finetune")."""
+    import booster_jax.methods  # noqa: F401  (registers the built-in methods)
+    from booster_jax.errors import BoosterInputError
+
+    if stage not in STAGES:
+        raise BoosterInputError(f"unknown stage {stage!r}; expected one of {STAGES}")
+    if (stage, name) not in METHODS:
+        known = sorted(n for st, n in METHODS if st == stage)
+        raise BoosterInputError(f"unknown {stage} method {name!r}; registered for {stage}: {known}")
+    return METHODS[(stage, name)]

@@ -1,0 +1,131 @@
+"""The stage graph: (world) -> align -> evaluate aligned -> fine-tune per harmful ratio -> evaluate -> report.
+
+The grid (variants x seeds x harmful ratios) expands into plain ``Config`` objects, one per run;
+every stage is keyed by a directory name and a config fingerprint, so a rerun reuses what is
+finished and resumes what is not.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+
+import jax
+
+from booster_jax.config import Config, apply_overrides, config_to_dict, save_config
+from booster_jax.eval.evaluate import eval_sets, evaluate, make_judge
+from booster_jax.train import stages
+
+log = logging.getLogger(__name__)
+
+STAGES = ("align", "finetune", "evaluate")
+
+
+@dataclass(frozen=True)
+class AlignRun:
+    variant: str
+    seed: int
+    cfg: Config
+
+    @property
+    def name(self) -> str:
+        return f"{self.variant}-s{self.seed}"
+
+
+def expand_grid(cfg: Config) -> list[AlignRun]:
+    """One alignment run per (variant, seed); each variant is a set of dotted overrides of the base config."""
+    variants = cfg.grid.variants or {cfg.align.method: {}}
+    runs = []
+    for name, overrides in variants.items():
+        for seed in cfg.grid.seeds:
+            runs.append(AlignRun(name, seed, apply_overrides(cfg, {**overrides, "run.seed": seed,
+                                                                  "data.seed": seed})))
+    return runs
+
+
+def with_ratio(cfg: Config, p: float) -> Config:
+    return apply_overrides(cfg, {"data.harmful_ratio": p})
+
+
+def check_inputs(cfg: Config) -> None:
+    """Read every data file the grid will need before any model is loaded, so bad input fails fast."""
+    from booster_jax.data import formats
+
+    formats.read_refusal_rows(cfg.data.alignment_file, skip_bad_rows=cfg.data.skip_bad_rows)
+    stages.task_train_examples(cfg)
+    if cfg.eval.enabled:
+        eval_sets(cfg)
+
+
+def run_pipeline(cfg: Config, only: str | None = None, progress: bool = True) -> list[dict]:
+    """Run the grid; ``only`` limits to one stage kind (earlier stages must then be finished or are run)."""
+    out = cfg.run.output_dir
+    os.makedirs(out, exist_ok=True)
+    if jax.process_index() == 0:
+        save_config(cfg, os.path.join(out, "config.yaml"))
+    check_inputs(cfg)
+    base = stages.load_base(cfg)
+    judge = make_judge(cfg) if cfg.eval.enabled else None
+    do_eval = cfg.eval.enabled and only in (None, "evaluate")
+    summaries = []
+    base_eval = None
+    if do_eval:
+        forward = stages.forward_for(cfg, base)
+        base_eval = evaluate(cfg, base, forward, base.params, None, os.path.join(out, "eval", "base"), "base",
+                             judge, base.fingerprint)
+    for run in expand_grid(cfg):
+        rc = run.cfg
+        forward = stages.forward_for(rc, base)
+        align_dir = os.path.join(out, "align", run.name)
+        align_lora = stages.run_align(rc, base, align_dir, progress)
+        afp = stages.align_fingerprint(rc, base)
+        before = None
+        if do_eval:
+            before = evaluate(rc, base, forward, base.params, align_lora,
+                              os.path.join(out, "eval", f"{run.name}-aligned"), f"{run.name} aligned", judge, afp)
+        if only == "align":
+            continue
+        for p in cfg.grid.harmful_ratios:
+            pc = with_ratio(rc, p)
+            tag = f"{run.name}-p{p:g}"
+            frozen, lora = stages.run_finetune(pc, base, align_lora, afp, os.path.join(out, "finetune", tag), progress)
+            if not do_eval:
+                continue
+            after = evaluate(pc, base, forward, frozen, lora, os.path.join(out, "eval", tag), tag, judge,
+                             afp + tag + stages.config_fingerprint(pc, ["finetune"]))
+            summaries.append({
+                "method": run.variant, "seed": run.seed, "harmful_ratio": p, "judge": after["judge"],
+                "task": after["task"], "hs_before": before["hs"], "hs_after": after["hs"], "fa": after["fa"],
+                "fa_before": before["fa"], "refused_before": before["refused_task"],
+                "curve": _curve(os.path.join(out, "finetune", tag, "track.jsonl")),
+            })
+    if summaries and jax.process_index() == 0:
+        with open(os.path.join(out, "summaries.json"), "w") as f:
+            json.dump({"base": base_eval, "runs": summaries}, f, indent=2)
+    return summaries
+
+
+def _curve(track_path: str) -> list[dict]:
+    """The attack's harmful training loss over steps (the paper's Fig. 3), when it was tracked.
+    A resumed stage may have logged a step twice; the last value wins."""
+    if not os.path.exists(track_path):
+        return []
+    points = {}
+    with open(track_path) as f:
+        for line in f:
+            row = json.loads(line)
+            points[row["step"]] = {"step": row["step"], "harmful_loss": row["harmful_train_loss"]}
+    return [points[k] for k in sorted(points)]
+
+
+def load_summaries(out_dir: str) -> list[dict]:
+    """The per-run summaries a finished pipeline wrote (for ``run.py report``)."""
+    from booster_jax.errors import BoosterInputError
+
+    path = os.path.join(out_dir, "summaries.json")
+    if not os.path.exists(path):
+        raise BoosterInputError(f"{path}: missing; run the pipeline first (python run.py CONFIG)")
+    with open(path) as f:
+        return json.load(f)["runs"]
