@@ -78,13 +78,15 @@ def run_pipeline(cfg: Config, only: str | None = None, progress: bool = True) ->
     for run in expand_grid(cfg):
         rc = run.cfg
         forward = stages.forward_for(rc, base)
-        align_dir = os.path.join(out, "align", run.name)
-        align_lora = stages.run_align(rc, base, align_dir, progress)
+        # Alignment is keyed by its fingerprint: variants that differ only after alignment share it.
         afp = stages.align_fingerprint(rc, base)
+        align_dir = os.path.join(out, "align", afp)
+        _note_variant(align_dir, run.name)
+        align_lora = stages.run_align(rc, base, align_dir, progress)
         before = None
         if do_eval:
             before = evaluate(rc, base, forward, base.params, align_lora,
-                              os.path.join(out, "eval", f"{run.name}-aligned"), f"{run.name} aligned", judge, afp)
+                              os.path.join(out, "eval", f"aligned-{afp}"), f"{run.name} aligned", judge, afp)
         if only == "align":
             continue
         for p in cfg.grid.harmful_ratios:
@@ -105,6 +107,18 @@ def run_pipeline(cfg: Config, only: str | None = None, progress: bool = True) ->
         with open(os.path.join(out, "summaries.json"), "w") as f:
             json.dump({"base": base_eval, "runs": summaries}, f, indent=2)
     return summaries
+
+
+def _note_variant(stage_dir: str, name: str) -> None:
+    """Record which grid variants use a fingerprint-named directory (for people browsing runs/)."""
+    if jax.process_index() != 0:
+        return
+    os.makedirs(stage_dir, exist_ok=True)
+    path = os.path.join(stage_dir, "variants.txt")
+    names = set(open(path).read().split()) if os.path.exists(path) else set()
+    if name not in names:
+        with open(path, "a") as f:
+            f.write(name + "\n")
 
 
 def _curve(track_path: str) -> list[dict]:

@@ -83,13 +83,16 @@ def evaluate(cfg: Config, base, forward, frozen, lora, out_dir: str, name: str, 
     gen = dict(model=model, params=frozen, lora=lora, tokenizer=tok, batch_size=cfg.eval.batch_size)
 
     harm_prompts = [format_prompt(ex.instruction, ex.input) for ex in harmful]
-    harm_out = generate_text(prompts=harm_prompts, max_new_tokens=cfg.eval.max_new_tokens_harmful, **gen)
+    # As the official pred.py: decode prompt + continuation, then take the text after "### Response:".
+    harm_out = [tasks.extract_answer(t) for t in generate_text(
+        prompts=harm_prompts, max_new_tokens=cfg.eval.max_new_tokens_harmful, full_text=True, **gen)]
     verdicts = judge.judge([ex.instruction for ex in harmful], harm_out) if harmful else []
 
     task_prompts = [format_prompt(ex.instruction, ex.input) for ex in task]
-    task_out = generate_text(prompts=task_prompts, max_new_tokens=cfg.eval.max_new_tokens_task, **gen)
+    task_out = [tasks.extract_answer(t) for t in generate_text(
+        prompts=task_prompts, max_new_tokens=cfg.eval.max_new_tokens_task, full_text=True, **gen)]
     scorer = tasks.get_scorer(cfg.data.task)
-    correct = [bool(scorer(tasks.extract_answer(out), ex.output)) for out, ex in zip(task_out, task)]
+    correct = [bool(scorer(out, ex.output)) for out, ex in zip(task_out, task)]
 
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "samples.jsonl"), "w") as f:
