@@ -1,0 +1,248 @@
+"""The training loop of one stage: resume, step, log, checkpoint; method-agnostic.
+
+A run killed at any point and started again with the same arguments continues exactly:
+the state, every batch stream's position and the RNG key are restored from the newest good
+checkpoint, so the trainable weights end bitwise equal to an uninterrupted run.
+
+Host syncs are kept off the per-step path: metrics are summed on device over the log window
+(with the first non-finite step recorded on device too), and fetched only at log steps and
+before checkpoint saves -- which is also where divergence is checked, so a NaN/inf is never
+saved and the last good checkpoint survives.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from booster_jax.errors import BoosterInputError
+from booster_jax.train.checkpoint import StageStore, is_main_process, rng_from_json
+
+
+class TrainingDivergedError(FloatingPointError):
+    """A step produced a non-finite loss/metric; nothing from that step on was saved."""
+
+
+def _init_window(metrics):
+    zeros = jax.tree.map(lambda m: jnp.zeros((), jnp.float32), metrics)
+    return {"sum": zeros, "bad_step": jnp.array(-1, jnp.int32), "bad": zeros}
+
+
+@jax.jit
+def _accumulate(window, metrics, step):
+    """Add this step's metrics to the window sums; remember the first non-finite step and its metrics."""
+    metrics = jax.tree.map(lambda m: jnp.asarray(m, jnp.float32).reshape(()), metrics)
+    finite = jnp.all(jnp.stack([jnp.isfinite(m) for m in jax.tree.leaves(metrics)]))
+    first = (window["bad_step"] < 0) & ~finite
+    return {
+        "sum": jax.tree.map(jnp.add, window["sum"], metrics),
+        "bad_step": jnp.where(first, step, window["bad_step"]),
+        "bad": jax.tree.map(lambda old, new: jnp.where(first, new, old), window["bad"], metrics),
+    }
+
+
+def _count_tokens(batches: Mapping[str, Mapping], tokens_key: str | None) -> int:
+    keys = [tokens_key] if tokens_key is not None else list(batches)
+    return int(sum(np.asarray(batches[k]["attention_mask"]).sum() for k in keys))
+
+
+def _trim_metrics_file(path: str, name: str, keep_upto: int) -> None:
+    """Drop this stage's lines past the resume point (and a torn last line) so the log has no duplicates."""
+    if not os.path.exists(path):
+        return
+    kept = []
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if rec.get("stage") == name and int(rec.get("step", 0)) > keep_upto:
+                continue
+            kept.append(json.dumps(rec, sort_keys=True) + "\n")
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.writelines(kept)
+    os.replace(tmp, path)
+
+
+def _summary(name, total_steps, start_step, wall_time_s, tokens, last_metrics) -> dict:
+    return {
+        "stage": name,
+        "steps": int(total_steps),
+        "resumed_from_step": int(start_step),
+        "wall_time_s": float(wall_time_s),
+        "tokens": int(tokens),
+        "tokens_per_s": float(tokens / wall_time_s) if wall_time_s > 0 else 0.0,
+        "steps_per_s": float(total_steps / wall_time_s) if wall_time_s > 0 else 0.0,
+        "metrics": dict(last_metrics),
+    }
+
+
+def run_stage(
+    *,
+    name: str,
+    store: StageStore,
+    step_fn: Callable,
+    frozen: Any,
+    state: Any,
+    streams: Mapping[str, Any],
+    total_steps: int,
+    rng: jax.Array,
+    run_cfg: Any,
+    metrics_path: str | None = None,
+    tokens_key: str | None = None,
+    progress: bool = True,
+    stream_fingerprint: str | None = None,
+    jit_kwargs: Mapping[str, Any] | None = None,
+    on_step: Callable[[int, Any, Any], None] | None = None,
+    place_batch: Callable[[dict], dict] | None = None,
+) -> tuple[Any, dict]:
+    """Train ``state`` for ``total_steps`` steps of ``step_fn`` (resuming from ``store``) -> (state, summary).
+
+    ``step_fn(frozen, state, batches, rng) -> (state, metrics)``; it is jitted once here with the
+    state donated (the ``state`` passed in must not be used afterwards), plus ``jit_kwargs``
+    (e.g. ``in_shardings``/``out_shardings``). ``streams``: name -> BatchStream (``next_batch``,
+    ``state``, ``restore``). ``tokens_key``: the stream whose real tokens tokens/s counts (None =
+    all). ``stream_fingerprint``: identifies the data; a checkpoint written for other data is
+    refused. ``on_step(step, state, metrics)``: called after each step (and its checkpoint); the
+    state it sees is donated to the next step, so it must not keep it.
+    ``place_batch(batches) -> batches``: puts each step's host batches on the devices (e.g.
+    ``parallel.batch_placer(mesh)`` shards them over the mesh); default: passed as they are.
+    Raises ``TrainingDivergedError`` (a ``FloatingPointError``) on a non-finite metric, before
+    saving anything from that step on.
+    """
+    if total_steps < 0:
+        raise BoosterInputError(f"stage {name!r}: total_steps must be >= 0, got {total_steps}")
+    if tokens_key is not None and tokens_key not in streams:
+        raise BoosterInputError(f"stage {name!r}: tokens_key {tokens_key!r} is not a stream; have {sorted(streams)}")
+    log_every = max(int(getattr(run_cfg, "log_every", 10)), 1)
+    main = is_main_process()
+
+    # ---- resume
+    start, wall_before, tokens_before, last_metrics = 0, 0.0, 0, {}
+    restored = store.restore_latest(state)
+    if restored is not None:
+        state, record = restored
+        info = record.get("info") or {}
+        saved_fp = info.get("stream_fingerprint")
+        if stream_fingerprint is not None and saved_fp is not None and saved_fp != stream_fingerprint:
+            raise BoosterInputError(
+                f"stage {name!r}: checkpoint {store.step_dir(record['step'])} was written for other data "
+                f"(stream fingerprint {str(saved_fp)[:12]}... vs {str(stream_fingerprint)[:12]}...); delete "
+                f"{store.stage_dir} to re-run the stage on the new data")
+        missing = [k for k in streams if k not in record.get("streams", {})]
+        if missing:
+            raise BoosterInputError(
+                f"stage {name!r}: checkpoint {store.step_dir(record['step'])} has no position for stream(s) "
+                f"{missing} (it has {sorted(record.get('streams', {}))})")
+        for k, s in streams.items():
+            s.restore(record["streams"][k])
+        if record.get("rng") is None:
+            raise BoosterInputError(f"stage {name!r}: checkpoint {store.step_dir(record['step'])} has no RNG key")
+        rng = rng_from_json(record["rng"])
+        start = int(record["step"])
+        wall_before = float(record.get("wall_time_s", 0.0))
+        tokens_before = int(info.get("tokens", 0))
+        last_metrics = dict(info.get("last_metrics", {}))
+        if start > total_steps:
+            raise BoosterInputError(
+                f"stage {name!r}: checkpoint {store.step_dir(start)} is at step {start}, past total_steps "
+                f"{total_steps}; the schedule changed. Delete {store.stage_dir} to re-run the stage")
+        if main:
+            print(f"[{name}] resuming from step {start}/{total_steps} ({store.step_dir(start)})", file=sys.stderr)
+    if start >= total_steps:
+        return state, _summary(name, total_steps, start, wall_before, tokens_before, last_metrics)
+
+    if main and metrics_path:
+        os.makedirs(os.path.dirname(os.path.abspath(metrics_path)), exist_ok=True)
+        _trim_metrics_file(metrics_path, name, start)
+    metrics_fh = open(metrics_path, "a", encoding="utf-8") if (main and metrics_path) else None
+
+    jitted = jax.jit(step_fn, **{"donate_argnums": (1,), **dict(jit_kwargs or {})})
+    bar = None
+    if main and progress and sys.stderr.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(total=total_steps, initial=start, desc=name, dynamic_ncols=True, file=sys.stderr)
+
+    t0 = time.perf_counter()
+    tokens = tokens_before
+    window, window_n, window_tokens, t_window = None, 0, 0, t0
+
+    def check_finite(step: int) -> None:
+        bad_step = int(window["bad_step"]) if window is not None else -1
+        if bad_step >= 0:
+            bad = {k: float(v) for k, v in jax.device_get(window["bad"]).items()}
+            which = ", ".join(f"{k}={v}" for k, v in bad.items() if not np.isfinite(v))
+            good = store.latest_step()
+            raise TrainingDivergedError(
+                f"stage {name!r}: non-finite {which} at step {bad_step} (checked at step {step}); stopped "
+                f"without saving. The last good checkpoint is "
+                + (f"step {good} ({store.step_dir(good)})" if good is not None else "none (no checkpoint yet)")
+                + ". Lower the learning rate or check the data, then rerun to resume from it.")
+
+    try:
+        for i in range(start, total_steps):
+            step = i + 1
+            rng, step_rng = jax.random.split(rng)
+            batches = {k: s.next_batch() for k, s in streams.items()}
+            n_tok = _count_tokens(batches, tokens_key)  # on the host's global batch, before placement
+            if place_batch is not None:  # scale-out: shard over the mesh (parallel.batch_placer)
+                batches = place_batch(batches)
+            state, metrics = jitted(frozen, state, batches, step_rng)
+            if window is None:
+                window = _init_window(metrics)
+            window = _accumulate(window, metrics, jnp.int32(step))
+            window_n += 1
+            window_tokens += n_tok
+            tokens += n_tok
+
+            is_log = step % log_every == 0 or step == total_steps
+            is_ckpt = store.should_save(step) or step == total_steps
+            if is_log or is_ckpt:
+                check_finite(step)
+            if is_log:
+                sums = jax.device_get(window["sum"])
+                now = time.perf_counter()
+                dt = max(now - t_window, 1e-9)
+                last_metrics = {k: float(v) / window_n for k, v in sums.items()}
+                rates = {"steps_per_s": window_n / dt, "tokens_per_s": window_tokens / dt}
+                if metrics_fh is not None:
+                    metrics_fh.write(json.dumps({"stage": name, **last_metrics, "step": step, **rates},
+                                                sort_keys=True) + "\n")
+                    metrics_fh.flush()
+                if bar is not None:
+                    shown = {k: f"{v:.4g}" for k, v in last_metrics.items() if "loss" in k}
+                    bar.set_postfix(**shown, **{"it/s": f"{rates['steps_per_s']:.2f}",
+                                                "tok/s": f"{rates['tokens_per_s']:.0f}"}, refresh=False)
+                window = _init_window(metrics)
+                window_n, window_tokens, t_window = 0, 0, now
+            if is_ckpt:
+                wall = wall_before + time.perf_counter() - t0
+                store.save(step, state, rng=rng, streams={k: s.state() for k, s in streams.items()},
+                           wall_time_s=wall, info={"stage": name, "tokens": tokens, "last_metrics": last_metrics,
+                                                   "stream_fingerprint": stream_fingerprint})
+            if bar is not None:
+                bar.update(1)
+            if on_step is not None:
+                on_step(step, state, metrics)
+    finally:
+        if bar is not None:
+            bar.close()
+        if metrics_fh is not None:
+            metrics_fh.close()
+        store.wait()
+
+    wall = wall_before + time.perf_counter() - t0
+    return state, _summary(name, total_steps, start, wall, tokens, last_metrics)
+
+
+__all__ = ["TrainingDivergedError", "run_stage"]

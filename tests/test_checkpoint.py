@@ -1,0 +1,338 @@
+"""The stage store: step checkpoints, damaged-checkpoint fallback, DONE/fingerprint logic, NaN stop."""
+
+import dataclasses
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from booster_jax.config import RunConfig
+from booster_jax.errors import BoosterInputError
+from booster_jax.train import checkpoint as ckpt
+from booster_jax.train.checkpoint import CheckpointWarning, StageStore, rng_from_json, rng_to_json
+from booster_jax.train.loop import TrainingDivergedError, run_stage
+from tests import resume_worker as tiny
+
+
+@pytest.fixture(scope="module")
+def built():
+    """One tiny stage; the step function is shared so every run_stage here reuses one compilation."""
+    return tiny.build()
+
+
+def fresh_state(built):
+    frozen, state, *_ = built
+    return jax.tree.map(jnp.array, state)  # a copy: run_stage donates what it is given
+
+
+def bumped(state, k=1.0):
+    """A different state with the same structure (every leaf + k)."""
+    return jax.tree.map(lambda x: (x + k).astype(x.dtype), state)
+
+
+def same(a, b):
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    return (jax.tree.structure(a) == jax.tree.structure(b) and len(la) == len(lb)
+            and all(np.asarray(x).dtype == np.asarray(y).dtype and np.array_equal(x, y) for x, y in zip(la, lb)))
+
+
+def save_two(store, state):
+    a, b = state, bumped(state)
+    store.save(5, a, rng=jax.random.key(5), streams={"align": {"epoch": 0, "position": 20}}, wall_time_s=1.0)
+    store.save(10, b, rng=jax.random.key(10), streams={"align": {"epoch": 1, "position": 0}}, wall_time_s=2.0)
+    return a, b
+
+
+# ----------------------------------------------------------------------------- save / restore
+
+
+def test_save_restore_roundtrip(tmp_path, built):
+    state = fresh_state(built)
+    key = jax.random.key(42)
+    with StageStore(str(tmp_path / "s"), keep_last=2, checkpoint_every=5, fingerprint="fp") as store:
+        assert store.restore_latest(state) is None  # nothing saved yet
+        store.save(5, state, rng=key, streams={"align": {"epoch": 2, "position": 8}}, wall_time_s=3.5,
+                   info={"tokens": 123})
+    # a new store (a new process) restores onto the target's structure, dtypes and shardings
+    with StageStore(str(tmp_path / "s"), keep_last=2, checkpoint_every=5, fingerprint="fp") as store:
+        restored, record = store.restore_latest(state)
+    assert same(restored, state)
+    assert type(restored) is type(state)
+    for x, y in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
+        assert x.sharding == y.sharding
+    assert record["step"] == 5 and record["streams"] == {"align": {"epoch": 2, "position": 8}}
+    assert record["wall_time_s"] == 3.5 and record["info"] == {"tokens": 123} and record["fingerprint"] == "fp"
+    back = rng_from_json(record["rng"])
+    assert np.array_equal(jax.random.key_data(back), jax.random.key_data(key))
+    assert jax.random.key_impl(back) == jax.random.key_impl(key)
+
+    # abstract targets (ShapeDtypeStruct with sharding) work too: that is how another mesh restores
+    abstract = ckpt.abstract_like(state)
+    with StageStore(str(tmp_path / "s"), keep_last=2, checkpoint_every=5) as store:
+        restored2, _ = store.restore_latest(abstract)
+    assert same(restored2, state)
+
+
+def test_rng_json_raw_key_roundtrip():
+    raw = jax.random.PRNGKey(3)
+    back = rng_from_json(json.loads(json.dumps(rng_to_json(raw))))
+    assert back.dtype == raw.dtype and np.array_equal(back, raw)
+
+
+def test_keep_last(tmp_path, built):
+    state = fresh_state(built)
+    with StageStore(str(tmp_path / "s"), keep_last=2, checkpoint_every=5) as store:
+        for step in (5, 10, 15, 20):
+            store.save(step, bumped(state, step), rng=jax.random.key(step))
+        assert store.all_steps() == [15, 20]
+        assert sorted(os.listdir(store.steps_dir)) == ["15", "20"]
+        restored, record = store.restore_latest(state)
+    assert record["step"] == 20 and same(restored, bumped(state, 20))
+    assert StageStore(str(tmp_path / "x"), checkpoint_every=5).should_save(10)
+    assert not StageStore(str(tmp_path / "x"), checkpoint_every=0).should_save(10)
+
+
+# ----------------------------------------------------------------------------- damaged checkpoints
+
+
+def _files(d, exclude=("commit_success.txt",)):
+    out = []
+    for root, _, names in os.walk(d):
+        out += [os.path.join(root, n) for n in names if n not in exclude]
+    return out
+
+
+def damage(step_dir, how):
+    if how in ("garble_data", "garble_metadata"):  # flip bytes in the middle of the file
+        if how == "garble_data":  # the largest file of the OCDBT store the restore reads (state/d/)
+            f = max(_files(os.path.join(step_dir, "state", "d")), key=os.path.getsize)
+        else:
+            f = os.path.join(step_dir, "state", "_METADATA")
+        data = bytearray(open(f, "rb").read())
+        mid = len(data) // 2
+        for i in range(mid, min(mid + 64, len(data))):
+            data[i] ^= 0xA5
+        open(f, "wb").write(bytes(data))
+    elif how == "truncate_json":
+        (f,) = _files(os.path.join(step_dir, "info"))
+        data = open(f, "rb").read()
+        open(f, "wb").write(data[: len(data) // 2])
+    elif how == "truncate_data":
+        for f in _files(os.path.join(step_dir, "state")):
+            if os.path.getsize(f) > 200:
+                open(f, "r+b").truncate(os.path.getsize(f) // 3)
+    elif how == "missing_metadata":
+        os.remove(os.path.join(step_dir, "state", "_METADATA"))
+    elif how == "missing_state":
+        shutil.rmtree(os.path.join(step_dir, "state"))
+    elif how == "empty_dir":
+        shutil.rmtree(step_dir)
+        os.makedirs(step_dir)
+    elif how == "wrong_checksum":  # values that parse fine but are not what was saved
+        (f,) = _files(os.path.join(step_dir, "info"))
+        rec = json.load(open(f))
+        rec["checksum"] = "0" * 32
+        json.dump(rec, open(f, "w"))
+    else:
+        raise AssertionError(how)
+
+
+HOW = ["garble_data", "garble_metadata", "truncate_json", "truncate_data", "missing_metadata", "missing_state", "empty_dir",
+       "wrong_checksum"]
+
+
+@pytest.mark.parametrize("how", HOW)
+def test_corrupt_latest_falls_back_with_warning(tmp_path, built, how):
+    state = fresh_state(built)
+    store = StageStore(str(tmp_path / "s"), keep_last=3, checkpoint_every=5)
+    a, _ = save_two(store, state)
+    store.close()
+    damage(store.step_dir(10), how)
+
+    store = StageStore(str(tmp_path / "s"), keep_last=3, checkpoint_every=5)
+    with pytest.warns(CheckpointWarning) as rec:
+        restored, record = store.restore_latest(state)
+    msg = " ".join(str(w.message) for w in rec)
+    assert store.steps_dir in msg and "falling back to step 5" in msg and "step 10" in msg
+    assert record["step"] == 5 and record["streams"]["align"] == {"epoch": 0, "position": 20}
+    assert same(restored, a)
+    # the damaged one is kept for inspection, out of the way of the resumed run
+    assert [n.split(".")[0] for n in os.listdir(store.corrupt_dir)] == ["10"]
+    assert store.all_steps() == [5]
+    store.save(10, bumped(state, 7), rng=jax.random.key(1))  # the resumed run can write step 10 again
+    restored, record = store.restore_latest(state)
+    assert record["step"] == 10 and same(restored, bumped(state, 7))
+    store.close()
+
+
+def test_silent_bit_flip_is_caught_by_the_checksum(tmp_path, built):
+    """One flipped bit in a large (incompressible) array chunk restores without any Orbax error."""
+    big = np.random.RandomState(0).randn(64, 64).astype(np.float32)  # 16 KiB: stored out of line
+    state = fresh_state(built)._replace(extra={"big": jnp.asarray(big)})
+    store = StageStore(str(tmp_path / "s"), keep_last=3, checkpoint_every=5)
+    a, _ = save_two(store, state)
+    store.close()
+    f = max(_files(os.path.join(store.step_dir(10), "state")), key=os.path.getsize)
+    data = bytearray(open(f, "rb").read())
+    data[len(data) // 2] ^= 0x01
+    open(f, "wb").write(bytes(data))
+    store = StageStore(str(tmp_path / "s"), keep_last=3, checkpoint_every=5)
+    with pytest.warns(CheckpointWarning, match="do not match the saved checksum"):
+        restored, record = store.restore_latest(state)
+    assert record["step"] == 5 and same(restored, a)
+    store.close()
+
+
+def test_all_corrupt_is_a_clear_error(tmp_path, built):
+    state = fresh_state(built)
+    store = StageStore(str(tmp_path / "s"), keep_last=3, checkpoint_every=5)
+    save_two(store, state)
+    store.close()
+    damage(store.step_dir(10), "garble_data")
+    damage(store.step_dir(5), "truncate_json")
+    store = StageStore(str(tmp_path / "s"), keep_last=3, checkpoint_every=5)
+    with pytest.raises(BoosterInputError, match="no usable checkpoint") as e:
+        store.restore_latest(state)
+    assert store.steps_dir in str(e.value) and "step 10" in str(e.value) and "step 5" in str(e.value)
+    assert sorted(os.listdir(store.steps_dir)) == ["10", "5"]  # nothing moved or deleted
+    store.close()
+
+
+def test_unfinished_save_is_ignored_with_warning(tmp_path, built):
+    state = fresh_state(built)
+    store = StageStore(str(tmp_path / "s"), keep_last=3, checkpoint_every=5)
+    _, b = save_two(store, state)
+    store.close()
+    # what a run killed during Orbax's save leaves: a half-written temporary directory
+    tmp = os.path.join(store.steps_dir, "15" + ckpt.TMP_SUFFIX + "-1234")
+    shutil.copytree(store.step_dir(10), tmp)
+    damage(tmp, "truncate_data")
+    store = StageStore(str(tmp_path / "s"), keep_last=3, checkpoint_every=5)
+    with pytest.warns(CheckpointWarning, match="unfinished"):
+        restored, record = store.restore_latest(state)
+    assert record["step"] == 10 and same(restored, b)
+    store.close()
+
+
+def test_checkpoint_of_another_config_is_refused(tmp_path, built):
+    state = fresh_state(built)
+    with StageStore(str(tmp_path / "s"), checkpoint_every=5, fingerprint="old") as store:
+        store.save(5, state, rng=jax.random.key(0))
+    with StageStore(str(tmp_path / "s"), checkpoint_every=5, fingerprint="new") as store:
+        with pytest.raises(BoosterInputError, match="configuration changed"):
+            store.restore_latest(state)
+        store.clear()  # the caller's decision: re-run the stage from scratch
+        assert store.restore_latest(state) is None
+
+
+# ----------------------------------------------------------------------------- final output and DONE
+
+
+def test_final_done_and_fingerprint(tmp_path, built, monkeypatch):
+    state = fresh_state(built)
+    store = StageStore(str(tmp_path / "s"), checkpoint_every=5)
+    assert not store.is_done("fp1")
+    with pytest.raises(BoosterInputError, match="no finished output"):
+        store.load_final(state)
+
+    order = []
+    real_write = ckpt._write_json_atomic
+
+    def spy(path, obj):
+        order.append((os.path.basename(path), os.path.isdir(os.path.join(store.final_dir, "state"))))
+        real_write(path, obj)
+
+    monkeypatch.setattr(ckpt, "_write_json_atomic", spy)
+    meta = {"config": {"align": {"method": "sft"}}, "config_fingerprint": "fp1", "base_model": "tiny",
+            "metrics": {"loss": 1.25}}
+    store.save_final(state, meta)
+    assert order == [("meta.json", True), ("DONE", True)]  # DONE last, after the state is complete
+    assert store.is_done("fp1")
+    assert json.load(open(store.done_path))["fingerprint"] == "fp1"
+
+    with pytest.warns(CheckpointWarning, match="configuration changed"):
+        assert not store.is_done("fp2")
+    loaded, meta_back = store.load_final(ckpt.abstract_like(state))
+    assert same(loaded, state) and meta_back == meta
+
+    # re-running under a new config overwrites the output and moves DONE to the new fingerprint
+    store.save_final(bumped(state), {**meta, "config_fingerprint": "fp2"})
+    assert store.is_done("fp2") and not os.path.exists(store.done_path + ".tmp")
+    loaded, _ = store.load_final(state)
+    assert same(loaded, bumped(state))
+
+    # a crash between final/ and DONE: the stage does not count as done
+    os.remove(store.done_path)
+    assert not store.is_done("fp2")
+    # a garbled DONE is reported, not trusted
+    open(store.done_path, "w").write("{garbled")
+    with pytest.warns(CheckpointWarning, match="unreadable"):
+        assert not store.is_done("fp2")
+    store.clear()
+    assert not os.path.exists(store.final_dir) and not os.path.exists(store.done_path)
+
+
+def test_final_checksum_mismatch_is_an_error(tmp_path, built):
+    state = fresh_state(built)
+    store = StageStore(str(tmp_path / "s"), checkpoint_every=5)
+    store.save_final(state, {"config_fingerprint": "fp"})
+    done = json.load(open(store.done_path))
+    json.dump({**done, "checksum": "f" * 32}, open(store.done_path, "w"))
+    with pytest.raises(BoosterInputError, match="damaged"):
+        store.load_final(state)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def run_cfg(every, log_every):
+    return dataclasses.replace(RunConfig(), checkpoint_every=every, keep_last=3, log_every=log_every)
+
+
+@pytest.mark.parametrize("log_every", [2, 100])  # 100: only the pre-save check can catch it
+def test_nan_loss_stops_the_stage_and_keeps_the_last_good_checkpoint(tmp_path, built, log_every):
+    frozen, _, step_fn, _, rng = built
+    frozen = {**frozen, "nan_at": jnp.int32(7)}
+    store = StageStore(str(tmp_path / "s"), keep_last=3, checkpoint_every=5)
+    metrics_path = str(tmp_path / "metrics.jsonl")
+    with pytest.raises(TrainingDivergedError) as e:
+        run_stage(name="tiny", store=store, step_fn=step_fn, frozen=frozen, state=fresh_state(built),
+                  streams=tiny.make_streams(), total_steps=12, rng=rng, run_cfg=run_cfg(5, log_every),
+                  metrics_path=metrics_path, progress=False, jit_kwargs=tiny.JIT_KWARGS)
+    msg = str(e.value)
+    assert isinstance(e.value, FloatingPointError)
+    assert "stage 'tiny'" in msg and "at step 7" in msg and "loss=nan" in msg
+    assert "step 5" in msg and store.step_dir(5) in msg
+    assert store.all_steps() == [5]  # nothing saved at or after the NaN
+    restored, record = store.restore_latest(fresh_state(built))
+    assert record["step"] == 5 and all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(restored))
+    logged = [json.loads(l)["step"] for l in open(metrics_path)]
+    assert logged == ([2, 4, 6] if log_every == 2 else [])
+    store.close()
+
+
+def test_run_stage_summary_metrics_and_finished_rerun(tmp_path, built):
+    frozen, _, step_fn, _, rng = built
+    store = StageStore(str(tmp_path / "s"), keep_last=2, checkpoint_every=4)
+    metrics_path = str(tmp_path / "m" / "metrics.jsonl")
+    kw = dict(name="tiny", store=store, step_fn=step_fn, frozen=frozen, total_steps=10, rng=rng,
+              run_cfg=run_cfg(4, 3), metrics_path=metrics_path, tokens_key="align", progress=False,
+              jit_kwargs=tiny.JIT_KWARGS)
+    streams = tiny.make_streams()
+    state, summary = run_stage(state=fresh_state(built), streams=streams, **kw)
+    assert int(state.step) == 10 and store.all_steps() == [8, 10]
+    lines = [json.loads(l) for l in open(metrics_path)]
+    assert [l["step"] for l in lines] == [3, 6, 9, 10]
+    assert {"loss", "grad_norm", "steps_per_s", "tokens_per_s", "stage"} <= set(lines[0])
+    assert summary["steps"] == 10 and summary["metrics"]["loss"] == pytest.approx(lines[-1]["loss"])
+    assert summary["tokens"] == streams["align"].real_tokens and summary["tokens_per_s"] > 0
+    # a finished stage run again restores and returns at once, with the same numbers
+    state2, summary2 = run_stage(state=fresh_state(built), streams=tiny.make_streams(), **kw)
+    assert same(state2, state) and summary2["metrics"] == summary["metrics"]
+    assert summary2["tokens"] == summary["tokens"] and summary2["resumed_from_step"] == 10
+    assert len(open(metrics_path).readlines()) == 4
+    store.close()

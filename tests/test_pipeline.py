@@ -1,0 +1,71 @@
+"""The whole pipeline through run.py on a tiny world and base model: stages, reuse, report, errors."""
+
+import json
+import os
+
+import pytest
+
+import run as cli
+from booster_jax.config import load_config
+from booster_jax.data.synthetic.embedded import PretrainRecipe, pretrain_base
+
+SMOKE = os.path.join(os.path.dirname(__file__), "..", "configs", "synthetic", "smoke.yaml")
+TINY = PretrainRecipe(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, num_kv_heads=1, steps=4,
+                      batch_size=8, warmup_steps=1)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A world and a 4-step base model pre-trained on it (the recipe runs, reduced)."""
+    root = tmp_path_factory.mktemp("world")
+    cfg = load_config(SMOKE, [f"world.dir={root}", f"run.output_dir={root}/pre"])
+    base = pretrain_base(cfg, TINY, progress=False)
+    meta = json.load(open(os.path.join(base, "recipe.json")))
+    assert meta["recipe"]["steps"] == 4 and meta["world_seed"] == 0
+    assert os.path.exists(os.path.join(base, "model.safetensors")) and os.path.exists(os.path.join(base, "tokenizer.json"))
+    return str(root)
+
+
+def test_end_to_end_then_reuse(world, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = [SMOKE, f"world.dir={world}", f"run.output_dir={out}", "--no-progress"]
+    assert cli.main(args) == 0
+    printed = capsys.readouterr().out
+    assert "| sft |" in printed and "| booster |" in printed and "Judge: `synthetic`" in printed
+    runs = json.load(open(out / "summaries.json"))["runs"]
+    assert {(r["method"], r["harmful_ratio"]) for r in runs} == {("sft", 0.0), ("sft", 0.1), ("booster", 0.0),
+                                                                 ("booster", 0.1)}
+    for r in runs:
+        assert 0 <= r["hs_after"] <= 100 and 0 <= r["fa"] <= 100
+    curve = [r["curve"] for r in runs if r["harmful_ratio"] == 0.1][0]
+    assert [p["step"] for p in curve] == [2, 4]  # finetune.track_every=2, 4 steps
+    samples = [json.loads(l) for l in open(out / "eval" / "base" / "samples.jsonl")]
+    assert sum(s["kind"] == "harmful" for s in samples) == 16 and all("flagged" in s for s in samples
+                                                                     if s["kind"] == "harmful")
+    assert (out / "report.md").exists()
+    done = sorted(str(p) for p in out.glob("*/*/DONE"))
+    assert len(done) == 2 + 4  # two alignments, four attacks
+    stamps = {p: os.path.getmtime(p) for p in done}
+    assert cli.main(args) == 0  # the rerun reuses every finished stage and evaluation
+    assert {p: os.path.getmtime(p) for p in done} == stamps
+    assert cli.main(["report", SMOKE, f"world.dir={world}", f"run.output_dir={out}"]) == 0
+
+
+def test_bad_config_is_reported_before_any_work(tmp_path, capsys):
+    code = cli.main([SMOKE, f"world.dir={tmp_path}/w", "data.harmful_ratio=2", "align.method=boster",
+                     "lora.r=0", "align.bogus=1"])
+    err = capsys.readouterr().err
+    assert code == 2
+    for piece in ("data.harmful_ratio", "align.method", "did you mean 'booster'", "lora.r", "align.bogus"):
+        assert piece in err
+    assert not os.path.exists(f"{tmp_path}/w")  # nothing was built
+
+
+def test_real_setting_needs_its_data_files(tmp_path, capsys):
+    code = cli.main([SMOKE, f"model.path={tmp_path}", f"run.output_dir={tmp_path}/r"])
+    assert code == 2 and "data.alignment_file" in capsys.readouterr().err
+
+
+def test_missing_config_file(capsys):
+    assert cli.main(["no/such.yaml"]) == 2
+    assert "no/such.yaml: no such config file" in capsys.readouterr().err
