@@ -96,15 +96,21 @@ class VaccineConfig:
 
 @dataclass(frozen=True)
 class RepNoiseConfig:
-    alpha: float = _f(1.0, NONNEG)  # gradient-ascent coefficient
+    # official script/alignment/repNoise.sh: alpha=0.1 (passed as --rho), beta=0.001 (--lamb)
+    alpha: float = _f(0.1, NONNEG)  # gradient-ascent coefficient
     beta: float = _f(0.001, NONNEG)  # noise coefficient
+    # official quirk: the harmful CE targets are ids * (bfloat16 mask), so ids > 256 are rounded to
+    # bfloat16 (e.g. 29871 -> 29824); false = exact ids (see methods/repnoise.py)
+    bf16_label_rounding: bool = True
 
 
 @dataclass(frozen=True)
 class LisaConfig:
-    rho: float = _f(1.0, NONNEG)  # proximal coefficient
+    rho: float = _f(0.01, NONNEG)  # proximal coefficient (official script/finetune/lisa_poison_ratio.sh: RHO=0.01)
     align_steps: int = _f(100, NONNEG)  # official bi-state step counts
     finetune_steps: int = _f(900, NONNEG)
+    # the proximal term is off for the first proximal_warmup * (stage steps) steps (official ADMMTrainer: 0.1)
+    proximal_warmup: float = _f(0.1, UNIT)
 
 
 @dataclass(frozen=True)
@@ -121,6 +127,11 @@ class AlignConfig:
     # deviation: benign instruction examples added, as a fraction of the alignment set (1.0 = 50/50); 0 = paper
     benign_mix: float = _f(0.0, NONNEG)
     harmful_batch_size: int = _f(10, POS)
+
+    @property
+    def booster_vaccine(self):
+        """The two sections Booster + Vaccine reads (its ``MethodSpec.config_section``): .booster, .vaccine."""
+        return types.SimpleNamespace(booster=self.booster, vaccine=self.vaccine)
 
 
 @dataclass(frozen=True)
@@ -151,6 +162,7 @@ class DataConfig:
     harmful_ratio: float = _f(0.1, UNIT)
     n_eval_harmful: int = _f(1000, NONNEG)
     n_eval_task: int = _f(872, NONNEG)
+    n_eval_benign: int = _f(200, NONNEG)  # safe prompts of the eval file: the over-refusal rate
     max_length: int = _f(256, POS)
     bucket_lengths: list[int] = _f([64, 128, 256], POS, nonempty=True)
     skip_bad_rows: bool = False
@@ -173,6 +185,14 @@ class MeshConfig:
     data: int = _f(-1, DEVICES)
     fsdp: int = _f(1, POS)
     tensor: int = _f(1, POS)
+
+
+@dataclass(frozen=True)
+class PlanConfig:
+    """``python run.py plan``: memory per device for a (possibly hypothetical) mesh; no weights are read."""
+    devices: int = _f(0, NONNEG)  # 0 = the devices this process sees
+    device_memory_gb: float = _f(0.0, NONNEG)  # 0 = the local device's limit when JAX reports one
+    compile: bool = True  # also compile the steps for memory_analysis() when the mesh fits the local devices
 
 
 @dataclass(frozen=True)
@@ -211,6 +231,7 @@ class Config:
     run: RunConfig = _f(RunConfig())
     grid: GridConfig = _f(GridConfig())
     world: WorldConfig = _f(WorldConfig())
+    plan: PlanConfig = _f(PlanConfig())
 
 
 # ---------------------------------------------------------------- coercion

@@ -100,7 +100,8 @@ def run_pipeline(cfg: Config, only: str | None = None, progress: bool = True) ->
             summaries.append({
                 "method": run.variant, "seed": run.seed, "harmful_ratio": p, "judge": after["judge"],
                 "task": after["task"], "hs_before": before["hs"], "hs_after": after["hs"], "fa": after["fa"],
-                "fa_before": before["fa"], "refused_before": before["refused_task"],
+                "fa_before": before["fa"], "refused_before": before.get("refused_benign"),
+                "refused_after": after.get("refused_benign"),
                 "curve": _curve(os.path.join(out, "finetune", tag, "track.jsonl")),
             })
     if summaries and jax.process_index() == 0:

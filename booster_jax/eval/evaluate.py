@@ -37,6 +37,14 @@ def make_judge(cfg: Config):
     return judges_mod.make_judge(cfg.eval.judge, **kwargs)
 
 
+def benign_prompts(cfg: Config) -> list[Example]:
+    """The safe prompts of the evaluation file (BeaverTails interleaves them): over-refusal is measured on them."""
+    if not cfg.data.n_eval_benign:
+        return []
+    rows = formats.read_beavertails(cfg.data.eval_harmful_file)
+    return [Example(instruction=r.prompt) for r in rows if r.is_safe][:cfg.data.n_eval_benign]
+
+
 def eval_sets(cfg: Config) -> tuple[list[Example], list[Example]]:
     """(harmful prompts, task examples), checked before any generation starts."""
     harmful = list(formats.read_beavertails_eval_prompts(cfg.data.eval_harmful_file, n=cfg.data.n_eval_harmful,
@@ -69,7 +77,8 @@ def evaluate(cfg: Config, base, forward, frozen, lora, out_dir: str, name: str, 
     """Evaluate one model (frozen params + LoRA); returns the summary (also at ``out_dir/summary.json``)."""
     summary_path = os.path.join(out_dir, "summary.json")
     fp = fingerprint + config_fingerprint(cfg, ["eval", "data.eval_harmful_file", "data.n_eval_harmful",
-                                                "data.task", "data.task_eval_file", "data.n_eval_task"])
+                                                "data.task", "data.task_eval_file", "data.n_eval_task",
+                                                "data.n_eval_benign"])
     if os.path.exists(summary_path):
         with open(summary_path) as f:
             old = json.load(f)
@@ -94,8 +103,17 @@ def evaluate(cfg: Config, base, forward, frozen, lora, out_dir: str, name: str, 
     scorer = tasks.get_scorer(cfg.data.task)
     correct = [bool(scorer(out, ex.output)) for out, ex in zip(task_out, task)]
 
+    benign = benign_prompts(cfg)
+    benign_out = [tasks.extract_answer(t) for t in generate_text(
+        prompts=[format_prompt(ex.instruction) for ex in benign], max_new_tokens=cfg.eval.max_new_tokens_harmful,
+        full_text=True, **gen)] if benign else []
+    refused = refusal_rule(judge)
+
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "samples.jsonl"), "w") as f:
+        for ex, out in zip(benign, benign_out):
+            f.write(json.dumps({"kind": "benign", "prompt": ex.instruction, "response": out,
+                                "refused": refused(out)}) + "\n")
         for ex, out, v in zip(harmful, harm_out, verdicts):
             f.write(json.dumps({"kind": "harmful", "prompt": ex.instruction, "response": out,
                                 "flagged": v.flagged, "categories": v.categories}) + "\n")
@@ -108,7 +126,8 @@ def evaluate(cfg: Config, base, forward, frozen, lora, out_dir: str, name: str, 
         "hs_plus": judges_mod.harmful_score_plus(verdicts, harm_out) if verdicts else float("nan"),
         "fa": 100.0 * float(np.mean(correct)) if correct else float("nan"),
         "n_harmful": len(harmful), "n_task": len(task),
-        "refused_task": _refusal_rate(task_out),
+        "refused_task": _rate(refused, task_out),
+        "refused_benign": _rate(refused, benign_out),
         "task_loss": heldout_loss(forward, frozen, lora, tok, task, cfg),
         "fingerprint": fp,
     }
@@ -117,10 +136,17 @@ def evaluate(cfg: Config, base, forward, frozen, lora, out_dir: str, name: str, 
     return summary
 
 
-def _refusal_rate(outputs: list[str]) -> float:
-    """Share (%) of benign task prompts refused, by the keyword judge (a cheap over-refusal signal)."""
+def refusal_rule(judge):
+    """The judge's own notion of a refusal when it has one (the synthetic world's markers), else the
+    refusal-keyword list (a cheap signal)."""
+    if hasattr(judge, "refused"):
+        return judge.refused
+    kw = judges_mod.KeywordRefusalJudge()
+    return lambda text: bool(text.strip()) and not kw.judge([""], [text])[0].flagged
+
+
+def _rate(refused, outputs: list[str]) -> float:
+    """Share (%) of benign answers that are refusals (over-refusal)."""
     if not outputs:
         return float("nan")
-    kw = judges_mod.KeywordRefusalJudge()
-    flags = kw.judge([""] * len(outputs), outputs)
-    return 100.0 * sum(not v.flagged for v in flags) / len(outputs)
+    return 100.0 * sum(bool(refused(o)) for o in outputs) / len(outputs)

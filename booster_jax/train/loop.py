@@ -173,6 +173,7 @@ def run_stage(
 
         bar = tqdm(total=total_steps, initial=start, desc=name, dynamic_ncols=True, file=sys.stderr)
 
+    milestone = max(total_steps // 10 // log_every * log_every, log_every)
     t0 = time.perf_counter()
     tokens = tokens_before
     window, window_n, window_tokens, t_window = None, 0, 0, t0
@@ -219,6 +220,11 @@ def run_stage(
                     metrics_fh.write(json.dumps({"stage": name, **last_metrics, "step": step, **rates},
                                                 sort_keys=True) + "\n")
                     metrics_fh.flush()
+                if bar is None and main and progress and (step % milestone == 0 or step == total_steps):
+                    # No terminal (logs, CI): a line at every tenth of the stage instead of a bar.
+                    losses = " ".join(f"{k}={v:.4g}" for k, v in last_metrics.items() if "loss" in k)
+                    print(f"[{name}] step {step}/{total_steps} {losses} {rates['steps_per_s']:.2f} it/s "
+                          f"{rates['tokens_per_s']:.0f} tok/s", file=sys.stderr, flush=True)
                 if bar is not None:
                     shown = {k: f"{v:.4g}" for k, v in last_metrics.items() if "loss" in k}
                     bar.set_postfix(**shown, **{"it/s": f"{rates['steps_per_s']:.2f}",

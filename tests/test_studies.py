@@ -1,0 +1,33 @@
+"""The pre-registered recipe selection rule, on hand-made study results."""
+
+from booster_jax.eval.studies import format_study, select_recipe
+
+
+def run(method, seed, hs_before, hs_after, fa, p=0.1):
+    return {"method": method, "seed": seed, "harmful_ratio": p, "hs_before": hs_before, "hs_after": hs_after,
+            "fa": fa, "fa_before": fa, "refused_before": 1.0}
+
+
+def test_rule_filters_then_picks_lowest_then_breaks_ties():
+    runs = []
+    for s in (0, 1, 2):
+        runs += [run("sft", s, 0, 90, 80),
+                 run("booster_l5_a0.1", s, 40, 10, 80),          # not aligned before the attack
+                 run("booster_l1_a0.01", s, 2, 30, 70),          # FA more than 3 points below SFT
+                 run("booster_l5_a0.01_warm", s, 1, 20.3, 79),   # qualifies
+                 run("booster_l1_a0.01_warm", s, 1, 20.0, 79),   # qualifies, ties with smaller lam*alpha
+                 run("booster_l20_a0.1", s, 3, 20.6, 81)]        # ties, but larger lam*alpha
+    chosen, notes = select_recipe(runs)
+    assert chosen == "booster_l1_a0.01_warm"
+    assert any("pre-attack HS 40.0 > 5" in n for n in notes) and any("FA 70.0 < sft FA 80.0" in n for n in notes)
+
+
+def test_no_setting_qualifies():
+    runs = [run("sft", 0, 0, 90, 80), run("booster_l5_a0.1", 0, 50, 10, 80)]
+    assert select_recipe(runs)[0] is None
+
+
+def test_table_shows_mean_and_spread():
+    runs = [run("sft", 0, 0, 80, 70), run("sft", 1, 2, 100, 72)]
+    table = format_study(runs)
+    assert "| sft | 0.1 | 2 | 1.0 ± 1.4 |" in table and "90.0 ± 14.1" in table
