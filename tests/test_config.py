@@ -30,7 +30,7 @@ def test_defaults_are_the_papers():
     assert (c.data.align_start, c.data.align_end, c.data.n_finetune, c.data.harmful_ratio) == (5001, 10000, 1000, 0.1)
     assert (c.data.max_length, c.data.n_eval_harmful, c.data.n_eval_task) == (256, 1000, 872)
     assert c.eval.max_new_tokens_harmful == 512 and c.model.dtype == "bfloat16"
-    assert (c.align.vaccine.rho, c.align.repnoise.alpha, c.align.repnoise.beta) == (2.0, 1.0, 0.001)
+    assert (c.align.vaccine.rho, c.align.repnoise.alpha, c.align.repnoise.beta) == (2.0, 0.1, 0.001)
     assert (c.finetune.lisa.align_steps, c.finetune.lisa.finetune_steps) == (100, 900)
     assert c.align.benign_mix == 0.0 and c.align.warmup_sft_steps == 0
 

@@ -98,6 +98,7 @@ class StepContext:
     forward: Forward
     optimizer: optax.GradientTransformation
     cfg: Any = None
+    total_steps: int = 0  # the stage's length (Lisa's proximal warm-up is a fraction of it)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,121 @@
+"""Steady-state ms/step of every training method's jitted step, and its ratio to SFT in the same stage.
+
+Same model and batches as ``benchmarks/bench_steps.py`` (a random LLaMA, default hidden 256, 4
+layers, vocab 1000, float32; LoRA r 32, alpha 4 on q/k/v; batches of 10 x 64 tokens, right-padded,
+mixed lengths, prompts masked). Alignment methods (sft, booster, vaccine, repnoise, booster_vaccine)
+read an alignment and a harmful batch, fine-tuning methods (sft, lisa) a task and an alignment batch.
+Each registered step is jitted, called once to compile (reported apart), then timed with
+``block_until_ready`` for ``--steps`` rounds, all methods interleaved step by step so load drift
+on a shared host is spread evenly. Coefficients are the official ones (they do not change the cost);
+Lisa runs its default schedule, so a short run times its alignment phase (the fine-tuning phase is the
+same computation on the other stream).
+
+    python benchmarks/bench_methods.py [--steps 20] [--batch 10] [--seq 64] [--hidden 256] [--layers 4]
+                                       [--vocab 1000] [--rank 32] [--threads 0] [--methods sft,booster,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+ALIGN = ("sft", "booster", "vaccine", "repnoise", "booster_vaccine")
+FINETUNE = ("sft", "lisa")
+# forward+backward passes per step (RepNoise: two forwards, L + 2 vocabulary projections, one backward)
+PASSES = {("align", "sft"): "1", ("align", "booster"): "3", ("align", "vaccine"): "2",
+          ("align", "repnoise"): "2 fwd + 1 bwd", ("align", "booster_vaccine"): "4",
+          ("finetune", "sft"): "1", ("finetune", "lisa"): "1"}
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=20, help="timed steps per method (median reported)")
+    p.add_argument("--batch", type=int, default=10)
+    p.add_argument("--seq", type=int, default=64)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--intermediate", type=int, default=688)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=1000)
+    p.add_argument("--rank", type=int, default=32)
+    p.add_argument("--lora-alpha", type=float, default=4.0)
+    p.add_argument("--threads", type=int, default=0, help="1 = XLA's CPU backend on one thread; 0 = default")
+    p.add_argument("--methods", default="", help="comma-separated subset, e.g. sft,vaccine (default: all)")
+    args = p.parse_args(argv)
+    if args.threads == 1:  # must be set before jax initialises its CPU backend
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                   " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1").strip()
+    return args
+
+
+def main(argv=None):
+    args = parse(argv)
+    import jax
+    import jax.numpy as jnp
+
+    from benchmarks.bench_steps import build, make_batches
+    from booster_jax.config import AlignConfig, FinetuneConfig, OptimConfig
+    from booster_jax.methods.base import StepContext, get_method, init_state, make_optimizer
+
+    _, params, lora, forward = build(args)
+    data = make_batches(args, args.steps + 1)
+    jdata = [jax.tree.map(jnp.asarray, {**b, "task": b["harmful"]}) for b in data]
+    optim = OptimConfig(lr=5e-4, weight_decay=0.1, max_grad_norm=1.0)
+    align_cfg, finetune_cfg = AlignConfig(), FinetuneConfig()
+    wanted = set(filter(None, args.methods.split(",")))
+    plan = [("align", m) for m in ALIGN] + [("finetune", m) for m in FINETUNE]
+    plan = [(s, m) for s, m in plan if not wanted or m in wanted]
+
+    compile_s, runners = {}, {}
+    for stage, method in plan:
+        spec = get_method(method, stage)
+        stage_cfg = align_cfg if stage == "align" else finetune_cfg
+        section = getattr(stage_cfg, spec.config_section) if spec.config_section else None
+        optimizer = make_optimizer(optim)
+        step = jax.jit(spec.make_step(StepContext(forward, optimizer, section)))
+        extra = spec.init_extra(lora, params, section) if spec.init_extra else ()
+        box = {"state": init_state(lora, optimizer, extra)}
+
+        def run(i, step=step, box=box, names=spec.streams):
+            box["state"], m = step(params, box["state"], {k: jdata[i][k] for k in names}, jax.random.key(i))
+            jax.block_until_ready((box["state"], m))
+
+        t0 = time.perf_counter()
+        run(0)
+        compile_s[(stage, method)] = time.perf_counter() - t0
+        runners[(stage, method)] = run
+
+    times = {k: [] for k in runners}
+    for i in range(1, args.steps + 1):
+        for key, run in runners.items():
+            t0 = time.perf_counter()
+            run(i)
+            times[key].append(time.perf_counter() - t0)
+    med = {k: 1000 * statistics.median(v) for k, v in times.items()}
+    best = {k: 1000 * min(v) for k, v in times.items()}
+
+    print(f"model: hidden {args.hidden}, intermediate {args.intermediate}, {args.layers} layers, {args.heads} heads, "
+          f"vocab {args.vocab}, float32; LoRA r {args.rank} alpha {args.lora_alpha:g} on q,k,v; batches "
+          f"{args.batch} x {args.seq} tokens per stream; median of {args.steps} steps after a compiling call, "
+          f"methods interleaved step by step; JAX {jax.__version__} on {jax.devices()[0].platform}; "
+          f"{os.cpu_count()} CPUs, XLA threads {'1' if args.threads == 1 else 'default'}, "
+          f"load average {os.getloadavg()[0]:.1f} at the end\n")
+    print("| stage | method | fwd+bwd passes | ms / step (median) | / SFT (same stage) | min ms | "
+          "first call incl. compile (s) |")
+    print("|---|---|---|---:|---:|---:|---:|")
+    for stage, method in plan:
+        key = (stage, method)
+        ratio = f"{med[key] / med[(stage, 'sft')]:.2f}" if (stage, "sft") in med else "-"
+        print(f"| {stage} | {method} | {PASSES[key]} | {med[key]:.1f} | {ratio} | {best[key]:.1f} | "
+              f"{compile_s[key]:.1f} |")
+    given = " ".join(argv if argv is not None else sys.argv[1:])
+    print(f"\ncommand: python benchmarks/bench_methods.py {given}".rstrip())
+
+
+if __name__ == "__main__":
+    main()
