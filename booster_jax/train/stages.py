@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from booster_jax import parallel
 from booster_jax.config import BOOSTER_FAMILY, Config, config_fingerprint, config_to_dict
 from booster_jax.data import formats, mixture
 from booster_jax.data.batches import BatchStream
@@ -46,8 +47,14 @@ def load_base(cfg: Config, sharding_for=None) -> Base:
     model_dir = hf.resolve_model_dir(cfg.model.path)
     llama = hf.read_config(model_dir)
     tokenizer = hf.load_tokenizer(model_dir, cfg.model.add_pad_token)
+    # --- scale-out (booster_jax.parallel): each parameter family is placed on its mesh sharding as it is read
+    mesh = parallel.mesh_for(cfg)
+    if sharding_for is None:
+        sharding_for = parallel.sharding_for_path(mesh, llama, param_dtype=cfg.model.param_dtype)
     params = hf.load_params(model_dir, llama, cfg.model.param_dtype, sharding_for=sharding_for)
     params, llama = hf.resize_embeddings(params, llama, len(tokenizer))
+    params = parallel.place(params, mesh)  # the resized embedding may not divide the tensor axis any more
+    # ---
     return Base(model_dir, llama, tokenizer, params, model_fingerprint(model_dir))
 
 
@@ -146,16 +153,23 @@ def train(cfg: Config, stage: str, method: str, optim_cfg, forward: Forward, fro
     section = getattr(getattr(cfg, stage), spec.config_section) if spec.config_section else None
     extra = spec.init_extra(trainable, frozen, section) if spec.init_extra else ()
     state = init_state(trainable, optimizer, extra)
+    # --- scale-out (booster_jax.parallel): frozen weights and state on the mesh (restores land there too)
+    mesh = parallel.mesh_for(cfg)
+    frozen, state = parallel.place(frozen, mesh), parallel.place(state, mesh)
+    # ---
     if store.is_done(fingerprint):
         log.info("%s: finished stage found, reusing %s", stage, stage_dir)
         return store.load_final(state)[0].trainable
     _claim(store, fingerprint)
-    step_fn = spec.make_step(StepContext(forward, optimizer, section))
+    step_fn = spec.make_step(StepContext(forward, optimizer, section, total_steps=steps))
+    step_fn = parallel.shard_activations(step_fn, mesh)  # scale-out: batch-sharded activations (FSDP)
     state, summary = run_stage(name=f"{stage}:{method}", store=store, step_fn=step_fn, frozen=frozen,
                                state=state, streams={k: streams[k] for k in spec.streams}, total_steps=steps,
                                rng=jax.random.key(rng_seed), run_cfg=cfg.run,
                                metrics_path=os.path.join(stage_dir, "metrics.jsonl"), progress=progress,
-                               tokens_key=spec.streams[0], on_step=_tracker(hooks, stage_dir))
+                               tokens_key=spec.streams[0], on_step=_tracker(hooks, stage_dir),
+                               jit_kwargs=parallel.step_jit_kwargs(mesh, frozen, state),  # scale-out
+                               place_batch=parallel.batch_placer(mesh))  # scale-out
     store.save_final(state, {**meta, "summary": summary}, fingerprint)
     return state.trainable
 

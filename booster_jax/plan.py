@@ -1,0 +1,326 @@
+"""``python run.py plan CONFIG``: memory per device of a run before any weight is read.
+
+Sizes come from ``jax.eval_shape`` (the model init, the LoRA init, the optimizer init) and the
+sharding rules of ``booster_jax.parallel`` applied to the config's mesh -- or to a hypothetical
+one (``plan.devices=8 plan.device_memory_gb=16``). The architecture is read from the model
+directory's ``config.json``, or from a built-in table for well-known hub ids (so a 7B run can be
+planned on a laptop without downloading anything).
+
+Activations are an analytic estimate of what the backward pass keeps (layers are scanned without
+rematerialisation, so every layer's residuals live until its backward):
+
+    per layer and token:  6 D (x, norms, residuals, o_proj)  +  q, k, v and the roped q, k
+                          + 4 F (gate, up, silu, product)     +  2 r per adapted projection
+                          + T (4 + 4 + c) (f32 scores, f32 softmax, probs in the compute dtype) per head
+    once per token:       V (c + 4 + 4)  (logits, f32 logits, log-softmax)
+
+times the compute dtype's bytes ``c`` where not said; head and MLP terms shrink with the tensor
+axis, rows with the batch axes (``data * fsdp``; the batch is padded to a multiple of it).
+When the mesh fits on the local devices and ``plan.compile`` is on, the real steps are also
+compiled on abstract inputs and XLA's ``memory_analysis()`` is reported (arguments, outputs,
+temporaries per device; on CPU the numbers are the CPU backend's, a proxy for a GPU's).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from booster_jax import parallel
+from booster_jax.errors import BoosterInputError
+
+GB = 1e9
+
+# config.json fields of well-known hub ids (only what LlamaConfig.from_hf_dict reads); "pad": whether
+# the tokenizer has a pad token (without one the run adds [PAD]: one more embedding row)
+_LLAMA2 = dict(model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+               num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, rms_norm_eps=1e-5,
+               rope_theta=10000.0, max_position_embeddings=4096, pad=False)
+KNOWN_MODELS: dict[str, dict] = {
+    "meta-llama/Llama-2-7b-hf": _LLAMA2,
+    "meta-llama/Llama-2-7b-chat-hf": _LLAMA2,
+    "meta-llama/Llama-2-13b-hf": {**_LLAMA2, "hidden_size": 5120, "intermediate_size": 13824,
+                                  "num_hidden_layers": 40, "num_attention_heads": 40, "num_key_value_heads": 40},
+    "meta-llama/Meta-Llama-3-8B": dict(model_type="llama", vocab_size=128256, hidden_size=4096,
+                                       intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                                       num_key_value_heads=8, rms_norm_eps=1e-5, rope_theta=500000.0,
+                                       max_position_embeddings=8192, pad=False),
+    "meta-llama/Llama-3.1-8B": dict(model_type="llama", vocab_size=128256, hidden_size=4096,
+                                    intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                                    num_key_value_heads=8, rms_norm_eps=1e-5, max_position_embeddings=131072,
+                                    rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                  "high_freq_factor": 4.0,
+                                                  "original_max_position_embeddings": 8192},
+                                    rope_theta=500000.0, pad=False),
+    "mistralai/Mistral-7B-v0.1": dict(model_type="mistral", vocab_size=32000, hidden_size=4096,
+                                      intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                                      num_key_value_heads=8, rms_norm_eps=1e-5, rope_theta=10000.0,
+                                      sliding_window=4096, max_position_embeddings=32768, pad=False),
+    "Qwen/Qwen2.5-7B": dict(model_type="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+                            num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                            rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=131072,
+                            use_sliding_window=False, pad=True),
+}
+
+
+def architecture(cfg) -> tuple[Any, str, bool]:
+    """(LlamaConfig, where it came from, whether the run adds a [PAD] row) without reading weights."""
+    from booster_jax.models.llama import LlamaConfig
+
+    path = cfg.model.path
+    if not path:  # the embedded synthetic world: its (committed or pre-trained) base model, if present
+        from booster_jax.data.synthetic import embedded
+
+        for d in (embedded.COMMITTED_BASE, os.path.join(cfg.world.dir, "base_model")):
+            if os.path.exists(os.path.join(d, "config.json")):
+                path = d
+                break
+        else:
+            r = embedded.PretrainRecipe()
+            d = dict(model_type="llama", vocab_size=2048, hidden_size=r.hidden_size,
+                     intermediate_size=r.intermediate_size, num_hidden_layers=r.num_layers,
+                     num_attention_heads=r.num_heads, num_key_value_heads=r.num_kv_heads)
+            return LlamaConfig.from_hf_dict(d, "PretrainRecipe"), "the synthetic world's recipe (vocab guessed)", False
+    if os.path.isdir(path):
+        from booster_jax.models import hf
+
+        llama = hf.read_config(path)
+        pad = False
+        tc = os.path.join(path, "tokenizer_config.json")
+        if os.path.exists(tc):
+            with open(tc) as f:
+                pad = bool(json.load(f).get("pad_token"))
+        return llama, os.path.join(path, "config.json"), cfg.model.add_pad_token and not pad
+    if path in KNOWN_MODELS:
+        d = dict(KNOWN_MODELS[path])
+        pad = d.pop("pad")
+        return LlamaConfig.from_hf_dict(d, f"built-in table ({path})"), f"built-in table ({path})", \
+            cfg.model.add_pad_token and not pad
+    raise BoosterInputError(
+        f"model.path {path!r}: not a local directory and not a known id; the planner reads no network. "
+        f"Known ids: {', '.join(sorted(KNOWN_MODELS))}")
+
+
+def _local_bytes(tree, sizes: dict[str, int]) -> int:
+    """Bytes one device holds of ``tree`` (ShapeDtypeStructs) under the sharding rules."""
+    total = 0
+    for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        spec = parallel.spec_for(parallel._names(path), x.shape, sizes)
+        shape = list(x.shape)
+        for i, ax in enumerate(spec):
+            if ax is not None:
+                for a in (ax if isinstance(ax, tuple) else (ax,)):
+                    shape[i] //= sizes[a]
+        total += math.prod(shape) * np.dtype(x.dtype).itemsize
+    return total
+
+
+def activation_bytes(llama, rows: int, length: int, compute_bytes: int, tensor: int, lora_r: int,
+                     n_adapted: int) -> int:
+    """The analytic estimate of the activations one device keeps for the backward pass (see the module doc)."""
+    def split(n):  # a dimension the tensor axis shards when it divides it
+        return n // tensor if n % tensor == 0 else n
+
+    d, f, hd = llama.hidden_size, split(llama.intermediate_size), llama.head_dim
+    h, kv = split(llama.num_heads), split(llama.num_kv_heads)
+    c = compute_bytes
+    per_token_layer = (6 * d + 2 * h * hd + 3 * kv * hd + 4 * f + 2 * lora_r * n_adapted) * c \
+        + h * length * (4 + 4 + c)
+    per_token_head = llama.vocab_size * (c + 4 + 4)
+    tokens = rows * length
+    return tokens * (llama.num_layers * per_token_layer + per_token_head)
+
+
+def _steps_for(cfg):
+    """[(label, method, stage, {stream: rows})]: the alignment method and the attack's SFT step."""
+    from booster_jax.methods.base import get_method
+
+    out = []
+    align = get_method(cfg.align.method, "align")
+    rows = {s: (cfg.align.harmful_batch_size if s == "harmful" else cfg.align.batch_size) for s in align.streams}
+    out.append((f"align:{cfg.align.method}", cfg.align.method, "align", rows))
+    ft = get_method(cfg.finetune.method, "finetune")
+    rows = {s: (cfg.finetune.batch_size if s == "task" else cfg.align.batch_size) for s in ft.streams}
+    out.append((f"finetune:{cfg.finetune.method}", cfg.finetune.method, "finetune", rows))
+    return out
+
+
+def _compiled_memory(cfg, llama, spec, method, stage, rows, mesh) -> dict:
+    """XLA's memory_analysis of the jitted step on abstract, sharded inputs (nothing is allocated)."""
+    from jax.sharding import NamedSharding
+
+    from booster_jax.methods.base import Forward, StepContext, get_method, init_state, make_optimizer
+    from booster_jax.models.llama import init_params, make_model
+    from booster_jax.models.lora import init_lora
+
+    ms = get_method(method, stage)
+    stage_cfg = getattr(cfg, stage)
+    optimizer = make_optimizer(stage_cfg.optim, 1000)
+    model = make_model(llama, spec, cfg.model.dtype, cfg.model.param_dtype, deterministic=cfg.lora.dropout == 0)
+    section = getattr(stage_cfg, ms.config_section) if ms.config_section else None
+    params = jax.eval_shape(lambda: init_params(model, jax.random.key(0)))
+    lora = jax.eval_shape(lambda: init_lora(jax.random.key(0), llama, spec))
+    extra = jax.eval_shape(lambda: ms.init_extra(lora, params, section)) if ms.init_extra else ()
+    state = jax.eval_shape(lambda: init_state(lora, optimizer, extra))
+    step = parallel.shard_activations(ms.make_step(StepContext(Forward(model), optimizer, section)), mesh)
+
+    def abstract(tree, shardings):
+        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+    kw = parallel.step_jit_kwargs(mesh, params, state)
+    bs = parallel.batch_sharding(mesh)
+    length = cfg.data.max_length
+    batches = {}
+    for s, n in rows.items():
+        r = parallel.padded_batch(n, mesh)
+        batches[s] = {"input_ids": jax.ShapeDtypeStruct((r, length), jnp.int32, sharding=bs),
+                      "attention_mask": jax.ShapeDtypeStruct((r, length), jnp.int32, sharding=bs),
+                      "loss_mask": jax.ShapeDtypeStruct((r, length), jnp.float32, sharding=bs)}
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    compiled = jax.jit(step, donate_argnums=(1,), **kw).lower(
+        abstract(params, kw["in_shardings"][0]), abstract(state, kw["in_shardings"][1]), batches, key).compile()
+    m = compiled.memory_analysis()
+    if m is None:
+        return {}
+    out = {k: int(getattr(m, k + "_size_in_bytes", 0)) for k in ("argument", "output", "alias", "temp")}
+    out["peak"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
+    out["backend"] = jax.default_backend()
+    return out
+
+
+def make_plan(cfg) -> dict:
+    """The plan as a dict (``print_plan`` formats it)."""
+    from booster_jax.methods.base import init_state, make_optimizer
+    from booster_jax.models.llama import DTYPES, LoraSpec, init_params, make_model
+    from booster_jax.models.lora import init_lora
+
+    llama, source, adds_pad = architecture(cfg)
+    if adds_pad:
+        llama = llama.replace(vocab_size=llama.vocab_size + 1)
+    local = jax.device_count()
+    devices = cfg.plan.devices or local
+    shape = parallel.mesh_shape(cfg.mesh, devices)
+    sizes = dict(zip(parallel.AXES, shape))
+    spec = LoraSpec(r=cfg.lora.r, alpha=cfg.lora.alpha, targets=tuple(cfg.lora.targets), dropout=cfg.lora.dropout)
+    model = make_model(llama, spec, cfg.model.dtype, cfg.model.param_dtype)
+    params = jax.eval_shape(lambda: init_params(model, jax.random.key(0)))
+    lora = jax.eval_shape(lambda: init_lora(jax.random.key(0), llama, spec))
+    opt = jax.eval_shape(lambda: init_state(lora, make_optimizer(cfg.align.optim, 1000)).opt_state)
+    n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+    n_lora = sum(math.prod(x.shape) for x in jax.tree.leaves(lora))
+    c = np.dtype(DTYPES[cfg.model.dtype]).itemsize
+    lora_local = _local_bytes(lora, sizes)
+    per_device = {"base_params": _local_bytes(params, sizes), "lora": lora_local, "optimizer": _local_bytes(opt, sizes)}
+    if sizes["fsdp"] > 1:
+        # FSDP all-gathers a layer's weights (and the LM head) before use: ~two layers in flight
+        layer = sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(params["layers"]))
+        head = max(math.prod(x.shape) * np.dtype(x.dtype).itemsize
+                   for k, v in params.items() if k in ("embed_tokens", "lm_head") for x in jax.tree.leaves(v))
+        per_device["gathered_weights"] = (2 * layer // llama.num_layers + head) // sizes["tensor"]
+
+    mem_gb = cfg.plan.device_memory_gb
+    mem_source = "plan.device_memory_gb"
+    if not mem_gb and not cfg.plan.devices:
+        try:
+            limit = (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
+        except Exception:  # noqa: BLE001 - CPU backends report nothing
+            limit = None
+        if limit:
+            mem_gb, mem_source = limit / GB, "the local device"
+
+    steps = []
+    mesh = None
+    if cfg.plan.compile and devices <= local:
+        mesh = parallel.make_mesh(cfg.mesh, devices=jax.devices()[:devices])
+    for label, method, stage, rows in _steps_for(cfg):
+        # gradient-sized LoRA trees alive at the peak: SFT g and the update; Booster g1, w', g2, g3, g, update
+        n_grad_trees = 6 if method.startswith("booster") else 2
+        act = max(activation_bytes(llama, -(-parallel.padded_batch(n, sizes) // parallel.batch_shards(sizes)),
+                                   cfg.data.max_length, c, sizes["tensor"], cfg.lora.r, len(cfg.lora.targets))
+                  for n in rows.values())  # the passes run one after another: the largest batch counts
+        est = dict(per_device, gradients=n_grad_trees * lora_local, activations=act)
+        est["total"] = sum(est.values())
+        entry = {"label": label, "rows": rows, "estimate": est}
+        if len(rows) > 1 or method.startswith("booster"):
+            # Measured (benchmarks/bench_memory.py, XLA CPU): the scan residual buffers of every pass are
+            # allocated at the start of the step, so a multi-pass step can hold all its passes' activations.
+            n_pass = 3 if method.startswith("booster") else len(rows)
+            entry["all_passes_total"] = est["total"] + (n_pass - 1) * act
+            entry["passes"] = n_pass
+        if mesh is not None:
+            try:
+                entry["compiled"] = _compiled_memory(cfg, llama, spec, method, stage, rows, mesh)
+            except Exception as e:  # noqa: BLE001 - the estimate still stands
+                entry["compiled_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        steps.append(entry)
+    return {
+        "model": cfg.model.path or "(synthetic world)", "source": source, "adds_pad_row": adds_pad,
+        "n_params": n_params, "n_lora": n_lora, "param_dtype": cfg.model.param_dtype, "dtype": cfg.model.dtype,
+        "mesh": sizes, "devices": devices, "local_devices": local, "length": cfg.data.max_length,
+        "device_memory_gb": mem_gb or None, "device_memory_source": mem_source if mem_gb else None,
+        "per_device": per_device, "steps": steps,
+        "compile_note": None if mesh is not None else (
+            "compile off (plan.compile=false)" if not cfg.plan.compile else
+            f"not compiled: the mesh needs {devices} devices, {local} local"),
+    }
+
+
+def _gb(n: float) -> str:
+    return f"{n / GB:8.2f} GB"
+
+
+def print_plan(cfg) -> dict:
+    """Print the plan for ``cfg`` (only process 0 prints) and return it."""
+    p = make_plan(cfg)
+    if jax.process_index() != 0:
+        return p
+    mesh = " x ".join(f"{k}={v}" for k, v in p["mesh"].items())
+    lines = [
+        f"model      {p['model']}  [{p['source']}]",
+        f"           {p['n_params'] / 1e9:.3f} B params ({p['param_dtype']}), LoRA {p['n_lora'] / 1e6:.2f} M "
+        f"(r={cfg.lora.r} on {','.join(cfg.lora.targets)}), compute {p['dtype']}"
+        + (", +1 [PAD] row" if p["adds_pad_row"] else ""),
+        f"mesh       {mesh} ({p['devices']} devices; batch rows padded to a multiple of "
+        f"{p['mesh']['data'] * p['mesh']['fsdp']}), length {p['length']}",
+    ]
+    mem = p["device_memory_gb"]
+    lines.append(f"device     {mem:.0f} GB ({p['device_memory_source']})" if mem else
+                 "device     memory unknown (set plan.device_memory_gb)")
+    for s in p["steps"]:
+        e = s["estimate"]
+        lines.append(f"\n{s['label']}  (rows per stream: {s['rows']})   per device:")
+        for k in ("base_params", "gathered_weights", "lora", "optimizer", "gradients", "activations", "total"):
+            if k in e:
+                lines.append(f"  {k:<17}{_gb(e[k])}")
+        if "compiled" in s and s["compiled"]:
+            m = s["compiled"]
+            lines.append(f"  compiled ({m['backend']}): arguments {m['argument'] / GB:.2f} GB, outputs "
+                         f"{m['output'] / GB:.2f} GB (aliased {m['alias'] / GB:.2f}), temporaries "
+                         f"{m['temp'] / GB:.2f} GB -> peak {m['peak'] / GB:.2f} GB")
+        elif "compiled_error" in s:
+            lines.append(f"  compile failed: {s['compiled_error']}")
+        if "all_passes_total" in s:
+            lines.append(f"  {'all ' + str(s['passes']) + ' passes live':<17}{_gb(s['all_passes_total'])}   "
+                         "(if XLA keeps every pass's activations, as its CPU schedule does)")
+        if "compiled" in s and s["compiled"].get("backend") == "cpu" and p["dtype"] == "bfloat16":
+            lines.append("  (the CPU backend computes bf16 in f32: its temporaries overstate a GPU's)")
+        if mem:
+            for what, need in (("estimate", e["total"]), ("all passes live", s.get("all_passes_total")),
+                               ("compiled", s.get("compiled", {}).get("peak"))):
+                if need:
+                    verdict = "fits" if need <= 0.9 * mem * GB else "does NOT fit"
+                    lines.append(f"  -> {what}: {verdict} in {mem:.0f} GB ({100 * need / (mem * GB):.0f}% of it)")
+    if mem:
+        lines.append("\n(\"fits\" leaves 10% for the runtime; JAX preallocates 75% of a GPU unless "
+                     "XLA_PYTHON_CLIENT_MEM_FRACTION is raised)")
+    if p["compile_note"]:
+        lines.append(f"\n({p['compile_note']}; the numbers above are the eval_shape sizes and the estimate)")
+    print("\n".join(lines))
+    return p
