@@ -9,8 +9,8 @@ harmful batches of Booster and the one batch of SFT have the same rows, so the r
 Booster's three passes cost over one. Peak per device = arguments + outputs - aliased (donated
 state) + temporaries. Reported for:
 
-* ``booster``: the registered step (booster.py) as XLA schedules it;
-* ``booster-sequenced``: the same maths with ``jax.lax.optimization_barrier`` between the passes
+* ``booster``: the registered step (booster.py; it runs its passes as one ``lax.scan``);
+* ``booster-sequenced``: the three passes as plain calls (booster.py before the scan) with ``jax.lax.optimization_barrier`` between the passes
   (it does not help: the passes already run in order; what costs memory is that XLA allocates
   the stacked scan residuals of *every* pass at the start of the program -- the zero-init
   broadcasts are CSE'd into one and their copies scheduled first);

@@ -272,9 +272,9 @@ def harmful_loss_hook(cfg: Config, base: Base, forward: Forward, frozen, mix, to
     items = [it for it, harmful in zip(tok.items, mix.is_harmful) if harmful][:64]
     batch = {k: jnp.asarray(v) for k, v in collate(items, base.tokenizer.pad_token_id,
                                                     cfg.data.bucket_lengths).items()}
-    loss_fn = jax.jit(lambda lora: lm_loss(forward(lora, frozen, batch), batch))
-
+    loss_fn = jax.jit(lambda lora, params, b: lm_loss(forward(lora, params, b), b))  # weights as arguments,
+                                                                                   # not baked-in constants
     def hook(state):
-        return {"harmful_train_loss": float(loss_fn(state.trainable))}
+        return {"harmful_train_loss": float(loss_fn(state.trainable, frozen, batch))}
 
     return cfg.finetune.track_every, hook
