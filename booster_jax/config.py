@@ -147,6 +147,8 @@ class FinetuneConfig:
     continue_alignment_lora: str = _f("auto", choices=("auto", "always", "never"))
     # every k steps, the loss on the attack's harmful samples (the paper's Fig. 3); 0 = off
     track_every: int = _f(0, NONNEG)
+    # with track_every: also the HS on the first k unseen harmful prompts at those steps; 0 = off
+    track_hs_prompts: int = _f(0, NONNEG)
 
 
 @dataclass(frozen=True)

@@ -131,7 +131,8 @@ def _curve(track_path: str) -> list[dict]:
     with open(track_path) as f:
         for line in f:
             row = json.loads(line)
-            points[row["step"]] = {"step": row["step"], "harmful_loss": row["harmful_train_loss"]}
+            points[row["step"]] = {"step": row["step"], "harmful_loss": row["harmful_train_loss"],
+                                   "hs": row.get("hs")}
     return [points[k] for k in sorted(points)]
 
 

@@ -39,6 +39,7 @@ def test_end_to_end_then_reuse(world, tmp_path, capsys):
         assert 0 <= r["hs_after"] <= 100 and 0 <= r["fa"] <= 100
     curve = [r["curve"] for r in runs if r["harmful_ratio"] == 0.1][0]
     assert [p["step"] for p in curve] == [2, 4]  # finetune.track_every=2, 4 steps
+    assert all(0 <= p["hs"] <= 100 for p in curve)  # HS on 8 prompts at each tracked step
     samples = [json.loads(l) for l in open(out / "eval" / "base" / "samples.jsonl")]
     assert sum(s["kind"] == "harmful" for s in samples) == 16 and all("flagged" in s for s in samples
                                                                      if s["kind"] == "harmful")

@@ -265,7 +265,8 @@ def run_finetune(cfg: Config, base: Base, align_lora, align_fp: str, stage_dir: 
 
 
 def harmful_loss_hook(cfg: Config, base: Base, forward: Forward, frozen, mix, tok):
-    """Every ``track_every`` steps: the LM loss on the attack's harmful samples (the paper's Fig. 3)."""
+    """Every ``track_every`` steps: the LM loss on the attack's harmful samples and, if asked, the HS on
+    the first ``track_hs_prompts`` unseen harmful prompts (the paper's Fig. 3)."""
     from booster_jax.data.batches import collate
     from booster_jax.methods.base import lm_loss
 
@@ -274,7 +275,34 @@ def harmful_loss_hook(cfg: Config, base: Base, forward: Forward, frozen, mix, to
                                                     cfg.data.bucket_lengths).items()}
     loss_fn = jax.jit(lambda lora, params, b: lm_loss(forward(lora, params, b), b))  # weights as arguments,
                                                                                    # not baked-in constants
+    hs_fn = harmful_score_probe(cfg, base, forward, frozen) if cfg.finetune.track_hs_prompts else None
+
     def hook(state):
-        return {"harmful_train_loss": float(loss_fn(state.trainable, frozen, batch))}
+        row = {"harmful_train_loss": float(loss_fn(state.trainable, frozen, batch))}
+        if hs_fn is not None:
+            row["hs"] = hs_fn(state.trainable)
+        return row
 
     return cfg.finetune.track_every, hook
+
+
+def harmful_score_probe(cfg: Config, base: Base, forward: Forward, frozen):
+    """lora -> HS (%) on the first ``track_hs_prompts`` evaluation prompts, greedy, with the run's judge."""
+    from booster_jax.data.template import format_prompt
+    from booster_jax.eval import judges, tasks
+    from booster_jax.eval.evaluate import make_judge
+    from booster_jax.eval.generate import generate_text
+
+    prompts = list(formats.read_beavertails_eval_prompts(cfg.data.eval_harmful_file, n=cfg.finetune.track_hs_prompts,
+                                                         split=None, allow_fewer=True))
+    judge = make_judge(cfg)
+
+    def hs(lora) -> float:
+        outs = generate_text(base.tokenizer, forward.model, frozen, lora,
+                             [format_prompt(ex.instruction) for ex in prompts],
+                             max_new_tokens=cfg.eval.max_new_tokens_harmful, batch_size=cfg.eval.batch_size,
+                             full_text=True)
+        answers = [tasks.extract_answer(o) for o in outs]
+        return judges.harmful_score(judge.judge([ex.instruction for ex in prompts], answers))
+
+    return hs
