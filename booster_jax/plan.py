@@ -36,6 +36,7 @@ from booster_jax import parallel
 from booster_jax.errors import BoosterInputError
 
 GB = 1e9
+SCANNED_PASSES = ("booster",)  # methods whose passes are iterations of one lax.scan: one pass's activations live
 
 # config.json fields of well-known hub ids (only what LlamaConfig.from_hf_dict reads); "pad": whether
 # the tokenizer has a pad token (without one the run adds [PAD]: one more embedding row)
@@ -248,9 +249,10 @@ def make_plan(cfg) -> dict:
         est = dict(per_device, gradients=n_grad_trees * lora_local, activations=act)
         est["total"] = sum(est.values())
         entry = {"label": label, "rows": rows, "estimate": est}
-        if len(rows) > 1 or method.startswith("booster"):
+        if (len(rows) > 1 or method.startswith("booster")) and method not in SCANNED_PASSES:
             # Measured (benchmarks/bench_memory.py, XLA CPU): the scan residual buffers of every pass are
-            # allocated at the start of the step, so a multi-pass step can hold all its passes' activations.
+            # allocated at the start of the step, so a multi-pass step written as plain calls can hold all
+            # its passes' activations (Booster runs its passes as one lax.scan and does not).
             n_pass = 3 if method.startswith("booster") else len(rows)
             entry["all_passes_total"] = est["total"] + (n_pass - 1) * act
             entry["passes"] = n_pass
