@@ -91,8 +91,12 @@ def run(command: str, config_path: str, overrides: list[str], progress: bool = T
     else:
         summaries = run_pipeline(cfg, only=None if command == "all" else command, progress=progress)
     if summaries and jax.process_index() == 0:
+        from booster_jax.eval.studies import format_study
+
         path = write_report(summaries, cfg.run.output_dir)
         print(format_table(summaries))
+        print("\nPer method and harmful ratio p (mean ± std over seeds when there are several):\n")
+        print(format_study(summaries))
         print(f"\nreport: {path}")
     return 0
 
