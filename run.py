@@ -30,7 +30,7 @@ def parse_args(argv):
                         f"(default {os.path.relpath(DEFAULT_CONFIG)}); then overrides")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    ns = p.parse_args(argv)
+    ns = p.parse_intermixed_args(argv)  # options may come anywhere among the overrides
     rest = list(ns.args)
     command = rest.pop(0) if rest and rest[0] in COMMANDS else "all"
     config = rest.pop(0) if rest and "=" not in rest[0] else DEFAULT_CONFIG

@@ -70,3 +70,14 @@ def test_real_setting_needs_its_data_files(tmp_path, capsys):
 def test_missing_config_file(capsys):
     assert cli.main(["no/such.yaml"]) == 2
     assert "no/such.yaml: no such config file" in capsys.readouterr().err
+
+
+def test_alpaca_task_writes_alpaca_eval_json(world, tmp_path):
+    """An instruction-following task is not scored here: its generations go to alpaca_eval's JSON."""
+    out = tmp_path / "run"
+    benign = os.path.join(world, "benign", "instructions.json")
+    assert cli.main([SMOKE, f"world.dir={world}", f"run.output_dir={out}", "--no-progress", "data.task=alpaca",
+                     f"data.task_file={benign}", f"data.task_eval_file={benign}", "data.n_eval_task=5",
+                     "grid.variants={sft: {align.method: sft}}", "grid.harmful_ratios=[0.1]"]) == 0
+    rows = json.load(open(out / "eval" / "sft-s0-p0.1" / "alpaca_eval_outputs.json"))
+    assert len(rows) == 5 and {"instruction", "output", "generator"} <= set(rows[0])

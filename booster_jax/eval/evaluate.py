@@ -100,8 +100,16 @@ def evaluate(cfg: Config, base, forward, frozen, lora, out_dir: str, name: str, 
     task_prompts = [format_prompt(ex.instruction, ex.input) for ex in task]
     task_out = [tasks.extract_answer(t) for t in generate_text(
         prompts=task_prompts, max_new_tokens=cfg.eval.max_new_tokens_task, full_text=True, **gen)]
-    scorer = tasks.get_scorer(cfg.data.task)
-    correct = [bool(scorer(out, ex.output)) for out, ex in zip(task_out, task)]
+    if cfg.data.task == "alpaca":
+        # AlpacaEval is judged elsewhere: write the generations in the JSON the alpaca_eval tool reads.
+        os.makedirs(out_dir, exist_ok=True)
+        tasks.write_alpaca_eval_json([{"instruction": format_instruction(ex), "output": out}
+                                      for ex, out in zip(task, task_out)],
+                                     os.path.join(out_dir, "alpaca_eval_outputs.json"), name)
+        correct = []
+    else:
+        scorer = tasks.get_scorer(cfg.data.task)
+        correct = [bool(scorer(out, ex.output)) for out, ex in zip(task_out, task)]
 
     benign = benign_prompts(cfg)
     benign_out = [tasks.extract_answer(t) for t in generate_text(
@@ -143,6 +151,10 @@ def refusal_rule(judge):
         return judge.refused
     kw = judges_mod.KeywordRefusalJudge()
     return lambda text: bool(text.strip()) and not kw.judge([""], [text])[0].flagged
+
+
+def format_instruction(ex: Example) -> str:
+    return ex.instruction + (f"\n\n{ex.input}" if ex.input else "")
 
 
 def _rate(refused, outputs: list[str]) -> float:

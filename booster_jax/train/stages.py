@@ -170,7 +170,10 @@ def train(cfg: Config, stage: str, method: str, optim_cfg, forward: Forward, fro
                                tokens_key=spec.streams[0], on_step=_tracker(hooks, stage_dir),
                                jit_kwargs=parallel.step_jit_kwargs(mesh, frozen, state),  # scale-out
                                place_batch=parallel.batch_placer(mesh))  # scale-out
-    store.save_final(state, {**meta, "summary": summary}, fingerprint)
+    padding = {k: round(streams[k].padding_fraction, 4) for k in spec.streams}
+    log.info("%s:%s finished: %d steps, padding overhead %s (padded tokens / all tokens, per stream)",
+             stage, method, steps, padding)
+    store.save_final(state, {**meta, "summary": {**summary, "padding_fraction": padding}}, fingerprint)
     return state.trainable
 
 
