@@ -26,7 +26,6 @@ which differs in fusion and in the bf16 handling of dots).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 

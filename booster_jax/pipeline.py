@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import jax
 
-from booster_jax.config import Config, apply_overrides, config_to_dict, save_config
+from booster_jax.config import Config, apply_overrides, save_config
 from booster_jax.eval.evaluate import eval_sets, evaluate, make_judge
 from booster_jax.train import stages
 

@@ -53,3 +53,32 @@ def padded_batch(vocab: int, lengths=(9, 5, 12, 1), seed: int = 0):
         mask[i, :n] = 1
     ids = ids * mask  # padding id 0
     return ids, mask
+
+
+def peft_reference(tmp_path_factory):
+    """A saved base model, our params for it, and a PEFT LoRA (r 8 on q, k, v, PEFT's own init) loaded
+    into our tree: the shared starting point of the step-parity tests."""
+    import copy
+    import types
+
+    from peft import LoraConfig, get_peft_model
+
+    from booster_jax.methods.base import Forward
+    from booster_jax.models import hf
+    from booster_jax.models.llama import make_model
+    from booster_jax.models.lora import load_peft
+
+    model = build_hf_model("llama_gqa")
+    base_dir = tmp_path_factory.mktemp("base")
+    model.save_pretrained(base_dir)
+    cfg = hf.read_config(str(base_dir))
+    params = hf.load_params(str(base_dir), cfg)
+    torch.manual_seed(7)
+    conf = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj"], lora_dropout=0.0,
+                      task_type="CAUSAL_LM")
+    peft_model = get_peft_model(copy.deepcopy(model), conf)
+    lora_dir = tmp_path_factory.mktemp("lora")
+    peft_model.save_pretrained(lora_dir)
+    lora, spec = load_peft(str(lora_dir), cfg)
+    return types.SimpleNamespace(cfg=cfg, params=params, peft_model=peft_model, lora=lora, spec=spec,
+                                 forward=Forward(make_model(cfg, spec)), vocab=cfg.vocab_size)

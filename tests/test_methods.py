@@ -21,16 +21,13 @@ import numpy as np
 import pytest
 import torch
 
-from booster_jax.config import BoosterConfig, LisaConfig, OptimConfig, RepNoiseConfig, VaccineConfig, load_config
-from booster_jax.methods.base import Forward, StepContext, get_method, init_state, make_optimizer
+from booster_jax.config import LisaConfig, OptimConfig, RepNoiseConfig, VaccineConfig, load_config
+from booster_jax.methods.base import StepContext, get_method, init_state, make_optimizer
 from booster_jax.methods.booster_vaccine import BoosterVaccineSections, booster_vaccine_gradient
 from booster_jax.methods.lisa import ALIGNMENT, init_lisa_extra, make_lisa_step, next_phase
 from booster_jax.methods.repnoise import gaussian_noise, masked_token_ce, mmd, official_pair_mask, repnoise_loss
 from booster_jax.methods.sft import lm_value_and_grad
-from booster_jax.models import hf
-from booster_jax.models.llama import make_model
-from booster_jax.models.lora import load_peft
-from tests.hf_fixtures import build_hf_model
+from tests.hf_fixtures import peft_reference
 from tests.torch_reference import lora_tree_from_peft, synthetic_batch, to_torch
 from tests.torch_reference_methods import (LisaReference, MethodsReference, MMDLoss, adapt_dimension_b2a,
                                            masked_token_ce_loss, official_batch)
@@ -58,22 +55,7 @@ def one_torch_thread():
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from peft import LoraConfig, get_peft_model
-
-    model = build_hf_model("llama_gqa")
-    base_dir = tmp_path_factory.mktemp("base")
-    model.save_pretrained(base_dir)
-    cfg = hf.read_config(str(base_dir))
-    params = hf.load_params(str(base_dir), cfg)
-    torch.manual_seed(7)
-    conf = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj"], lora_dropout=0.0,
-                      task_type="CAUSAL_LM")
-    peft_model = get_peft_model(copy.deepcopy(model), conf)
-    lora_dir = tmp_path_factory.mktemp("lora")
-    peft_model.save_pretrained(lora_dir)
-    lora, spec = load_peft(str(lora_dir), cfg)
-    return types.SimpleNamespace(cfg=cfg, params=params, peft_model=peft_model, lora=lora,
-                                 forward=Forward(make_model(cfg, spec)), vocab=cfg.vocab_size)
+    return peft_reference(tmp_path_factory)
 
 
 def plain_batches(vocab, n=3):

@@ -16,18 +16,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
 from booster_jax.config import BoosterConfig, OptimConfig
 from booster_jax.errors import BoosterInputError
-from booster_jax.methods.base import (Forward, StepContext, apply_gradients, get_method, global_norm, init_state,
+from booster_jax.methods.base import (StepContext, apply_gradients, get_method, global_norm, init_state,
                                       lm_loss, make_optimizer)
 from booster_jax.methods.booster import booster_gradient
 from booster_jax.methods.sft import make_sft_step
-from booster_jax.models import hf
-from booster_jax.models.llama import make_model
-from booster_jax.models.lora import load_peft
-from tests.hf_fixtures import build_hf_model
+from tests.hf_fixtures import peft_reference
 from tests.torch_reference import TorchReference, lora_tree_from_peft, synthetic_batch, to_torch
 
 # Clipping at 0.5 (the Trainer's default is 1.0) so the tiny model's gradients do get clipped.
@@ -39,22 +35,8 @@ PARITY_TOL = 1e-5
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """Base model (transformers + our params), a PEFT LoRA with PEFT's own init (B = 0) and ours from it."""
-    from peft import LoraConfig, get_peft_model
-
-    model = build_hf_model("llama_gqa")
-    base_dir = tmp_path_factory.mktemp("base")
-    model.save_pretrained(base_dir)
-    cfg = hf.read_config(str(base_dir))
-    params = hf.load_params(str(base_dir), cfg)
-    torch.manual_seed(7)
-    conf = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj"], lora_dropout=0.0,
-                      task_type="CAUSAL_LM")
-    peft_model = get_peft_model(copy.deepcopy(model), conf)
-    lora_dir = tmp_path_factory.mktemp("lora")
-    peft_model.save_pretrained(lora_dir)
-    lora, spec = load_peft(str(lora_dir), cfg)
-    forward = Forward(make_model(cfg, spec))
-    return dict(cfg=cfg, params=params, peft_model=peft_model, lora=lora, forward=forward, runs={})
+    s = peft_reference(tmp_path_factory)
+    return dict(cfg=s.cfg, params=s.params, peft_model=s.peft_model, lora=s.lora, forward=s.forward, runs={})
 
 
 def batches(vocab, n=STEPS):

@@ -30,8 +30,6 @@ refused by the loader: convert them once with transformers' ``save_pretrained``)
 from __future__ import annotations
 
 import functools
-import json
-import os
 from collections.abc import Sequence
 
 import jax
@@ -75,14 +73,7 @@ def format_qa(question: str, answer: str, eos_token: str | None) -> str:
 
 def read_head_config(model_dir: str) -> tuple[dict[int, str], int | None]:
     """(id2label, config pad_token_id) of a BeaverTails moderation checkpoint, validated."""
-    path = os.path.join(model_dir, "config.json")
-    if not os.path.exists(path):
-        raise BoosterInputError(f"{path}: missing; a beaver-dam checkpoint directory needs config.json")
-    try:
-        with open(path) as f:
-            d = json.load(f)
-    except json.JSONDecodeError as e:
-        raise BoosterInputError(f"{path}: not valid JSON ({e})") from e
+    path, d = hf.read_config_json(model_dir, "a beaver-dam checkpoint directory")
     archs = d.get("architectures") or []
     if archs and not any(str(a).endswith("ForSequenceClassification") for a in archs):
         raise BoosterInputError(f"{path}: architectures {archs} has no ...ForSequenceClassification; the "

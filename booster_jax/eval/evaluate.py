@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Any
 
 import jax
 import jax.numpy as jnp

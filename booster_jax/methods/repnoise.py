@@ -64,7 +64,7 @@ def official_pair_mask(batch: dict, other: dict) -> jax.Array:
     """
     ids, att = batch["input_ids"], batch["attention_mask"]
     oids, oatt = other["input_ids"], other["attention_mask"]
-    (b, t), (ob, ot) = ids.shape, oids.shape
+    (b, t), ot = ids.shape, oids.shape[1]
     width = jnp.max(jnp.sum(att, axis=1))
     owidth = jnp.max(jnp.sum(oatt, axis=1))
     o = jnp.where(jnp.any(oatt > 0, axis=1)[:, None] & (jnp.arange(ot)[None] < owidth), oids, 0)

@@ -44,15 +44,20 @@ def resolve_model_dir(path_or_id: str) -> str:
                                 f"failed ({type(e).__name__}: {e})") from e
 
 
-def read_config(model_dir: str) -> LlamaConfig:
+def read_config_json(model_dir: str, what: str = "a Hugging Face model directory") -> tuple[str, dict]:
+    """(path, contents) of ``model_dir/config.json``; a missing or broken file is named in the error."""
     path = os.path.join(model_dir, "config.json")
     if not os.path.exists(path):
-        raise BoosterInputError(f"{path}: missing; a Hugging Face model directory needs config.json")
+        raise BoosterInputError(f"{path}: missing; {what} needs config.json")
     try:
         with open(path) as f:
-            d = json.load(f)
+            return path, json.load(f)
     except json.JSONDecodeError as e:
         raise BoosterInputError(f"{path}: not valid JSON ({e})") from e
+
+
+def read_config(model_dir: str) -> LlamaConfig:
+    path, d = read_config_json(model_dir)
     return LlamaConfig.from_hf_dict(d, source=path)
 
 

@@ -16,7 +16,6 @@ import os
 import shutil
 
 import jax
-import jax.numpy as jnp
 
 from booster_jax.config import Config, OptimConfig, apply_overrides
 from booster_jax.errors import BoosterInputError
