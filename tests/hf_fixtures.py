@@ -19,9 +19,11 @@ VARIANTS = {
     # Qwen2: bias on q, k, v.
     "qwen2_bias": dict(model_type="qwen2", tie_word_embeddings=False,
                        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
-    # Mistral-style config with linear rope scaling exercised through a llama config.
+    # Linear rope scaling, through a llama config.
     "llama_linear_rope": dict(model_type="llama", rope_parameters={"rope_type": "linear", "rope_theta": 10000.0,
                                                                    "factor": 2.0}),
+    # Mistral: a sliding window shorter than the batch's sequences, so the window really masks.
+    "mistral_window": dict(model_type="mistral", sliding_window=4, head_dim=8),
 }
 
 
