@@ -16,7 +16,6 @@ same computation on the other stream).
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -33,24 +32,12 @@ PASSES = {("align", "sft"): "1", ("align", "booster"): "3", ("align", "vaccine")
 
 
 def parse(argv):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=20, help="timed steps per method (median reported)")
-    p.add_argument("--batch", type=int, default=10)
-    p.add_argument("--seq", type=int, default=64)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--intermediate", type=int, default=688)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--vocab", type=int, default=1000)
-    p.add_argument("--rank", type=int, default=32)
-    p.add_argument("--lora-alpha", type=float, default=4.0)
+    from benchmarks.bench_steps import model_options, parse_with_threads
+
+    p = model_options(__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=0, help="1 = XLA's CPU backend on one thread; 0 = default")
     p.add_argument("--methods", default="", help="comma-separated subset, e.g. sft,vaccine (default: all)")
-    args = p.parse_args(argv)
-    if args.threads == 1:  # must be set before jax initialises its CPU backend
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                                   " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1").strip()
-    return args
+    return parse_with_threads(p, argv)
 
 
 def main(argv=None):

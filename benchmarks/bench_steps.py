@@ -28,7 +28,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def parse(argv, description):
+def model_options(description: str) -> argparse.ArgumentParser:
+    """The model and batch options shared by the step benchmarks (bench_steps, bench_methods)."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--steps", type=int, default=20, help="timed steps per method (median reported)")
     p.add_argument("--batch", type=int, default=10)
@@ -40,13 +41,23 @@ def parse(argv, description):
     p.add_argument("--vocab", type=int, default=1000)
     p.add_argument("--rank", type=int, default=32)
     p.add_argument("--lora-alpha", type=float, default=4.0)
-    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (and XLA if 1); 0 = all cores")
-    p.add_argument("--skip-torch", action="store_true")
+    return p
+
+
+def parse_with_threads(p: argparse.ArgumentParser, argv):
+    """Parse; ``--threads 1`` pins XLA's CPU backend to one thread (before jax initialises it)."""
     args = p.parse_args(argv)
-    if args.threads == 1:  # must be set before jax initialises its CPU backend
+    if args.threads == 1:
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                    " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1").strip()
     return args
+
+
+def parse(argv, description):
+    p = model_options(description)
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (and XLA if 1); 0 = all cores")
+    p.add_argument("--skip-torch", action="store_true")
+    return parse_with_threads(p, argv)
 
 
 def build(args):

@@ -264,13 +264,8 @@ def _plot_vs_ratio(group, path: Path, title: str) -> None:
             ys = [v[0] for _, v in pts]
             errs = [v[1] or 0.0 for _, v in pts]
             ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, label=m)
-        ax.set_xlabel("harmful ratio p")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110, format="png")
+        _label_axis(ax, "harmful ratio p", ylabel)
+    _save(fig, title, path)
 
 
 def _mean_curve(curves: list[list[dict]], key: str) -> tuple[list[float], list[float]]:
@@ -299,10 +294,18 @@ def _plot_curves(runs: list[_Run], ratio: float, path: Path, title: str) -> None
             xs, ys = _mean_curve(curves, key)
             if xs:
                 ax.plot(xs, ys, marker="." if len(xs) < 30 else None, label=f"{m} (n={len(curves)})")
-        ax.set_xlabel("fine-tuning (attack) step")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        _label_axis(ax, "fine-tuning (attack) step", ylabel)
+    _save(fig, title, path)
+
+
+def _label_axis(ax, xlabel: str, ylabel: str) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def _save(fig, title: str, path: Path) -> None:
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110, format="png")

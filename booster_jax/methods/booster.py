@@ -26,6 +26,20 @@ from booster_jax.methods.base import MethodSpec, StepContext, apply_gradients, g
 from booster_jax.methods.sft import lm_value_and_grad
 
 
+def booster_update(g3, g1, g2, lam, perturbed_term: bool = True):
+    """g = g3 + lam * g1 - lam * g2 (without the last term: the paper's ablation)."""
+    if perturbed_term:
+        return jax.tree.map(lambda a, b, c: a + lam * b - lam * c, g3, g1, g2)
+    return jax.tree.map(lambda a, b: a + lam * b, g3, g1)
+
+
+def static_config(cfg: BoosterConfig | None) -> BoosterConfig:
+    """The section with Python scalars, closed over by the jitted step so it compiles once."""
+    cfg = cfg if cfg is not None else BoosterConfig()
+    return dataclasses.replace(cfg, lam=float(cfg.lam), alpha=float(cfg.alpha), eps=float(cfg.eps),
+                               perturbed_term=bool(cfg.perturbed_term))
+
+
 def common_shape(a: dict, b: dict) -> tuple[dict, dict]:
     """Pad two batches to one [rows, length] with zero-mask rows/columns, which change no loss."""
     rows = max(a["input_ids"].shape[0], b["input_ids"].shape[0])
@@ -65,10 +79,7 @@ def booster_gradient(forward, cfg: BoosterConfig, trainable, frozen, batches, rn
     zeros = jax.tree.map(jnp.zeros_like, trainable)
     g1, (losses, grads3) = jax.lax.scan(one_pass, zeros, (jnp.arange(3), stacked, keys))
     g2, g3 = (jax.tree.map(lambda x, k=k: x[k], grads3) for k in (1, 2))
-    if cfg.perturbed_term:
-        grads = jax.tree.map(lambda a, b, c: a + lam * b - lam * c, g3, g1, g2)
-    else:
-        grads = jax.tree.map(lambda a, b: a + lam * b, g3, g1)
+    grads = booster_update(g3, g1, g2, lam, cfg.perturbed_term)
     metrics = {"loss": losses[2], "harmful_loss": losses[0], "harmful_loss_perturbed": losses[1],
                "harmful_grad_norm": global_norm(g1), "grad_norm": global_norm(grads)}
     return grads, metrics
@@ -81,9 +92,7 @@ def make_booster_step(ctx: StepContext):
     jitted step compiles once. Metrics: loss (= f, the logged loss), harmful_loss (h(w)),
     harmful_loss_perturbed (h(w')), harmful_grad_norm (||g1||), grad_norm (||g|| before clipping).
     """
-    cfg = ctx.cfg if ctx.cfg is not None else BoosterConfig()
-    cfg = dataclasses.replace(cfg, lam=float(cfg.lam), alpha=float(cfg.alpha), eps=float(cfg.eps),
-                              perturbed_term=bool(cfg.perturbed_term))
+    cfg = static_config(ctx.cfg)
 
     def step(frozen, state, batches, rng):
         grads, metrics = booster_gradient(ctx.forward, cfg, state.trainable, frozen, batches, rng)

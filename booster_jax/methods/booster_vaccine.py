@@ -14,13 +14,13 @@ eps, perturbed_term) and ``align.vaccine`` (rho); the stage hands both as ``ctx.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import NamedTuple
 
 import jax
 
 from booster_jax.config import BoosterConfig, VaccineConfig
 from booster_jax.methods.base import MethodSpec, StepContext, apply_gradients, global_norm, register
+from booster_jax.methods.booster import booster_update, static_config
 from booster_jax.methods.sft import lm_value_and_grad
 from booster_jax.methods.vaccine import vaccine_gradient
 
@@ -50,11 +50,7 @@ def booster_vaccine_gradient(forward, sections: BoosterVaccineSections, trainabl
     bc, rho = sections.booster, sections.vaccine.rho
     g1, g2, h, h_perturbed, g1_norm = harmful_passes(forward, bc, trainable, frozen, batches["harmful"], rng)
     g3, vm = vaccine_gradient(forward, rho, trainable, frozen, batches["align"], _key(rng, 2))
-    lam = bc.lam
-    if bc.perturbed_term:
-        grads = jax.tree.map(lambda a, b, c: a + lam * b - lam * c, g3, g1, g2)
-    else:
-        grads = jax.tree.map(lambda a, b: a + lam * b, g3, g1)
+    grads = booster_update(g3, g1, g2, bc.lam, bc.perturbed_term)
     metrics = {"loss": vm["loss"], "loss_unperturbed": vm["loss_unperturbed"], "attn_grad_norm": vm["attn_grad_norm"],
                "harmful_loss": h, "harmful_loss_perturbed": h_perturbed, "harmful_grad_norm": g1_norm,
                "grad_norm": global_norm(grads)}
@@ -64,10 +60,8 @@ def booster_vaccine_gradient(forward, sections: BoosterVaccineSections, trainabl
 def make_booster_vaccine_step(ctx: StepContext):
     """``step(frozen, state, batches, rng)`` reading ``align`` and ``harmful``; ctx.cfg has ``.booster`` and ``.vaccine``."""
     sections = ctx.cfg if ctx.cfg is not None else BoosterVaccineSections()
-    bc = sections.booster
-    bc = dataclasses.replace(bc, lam=float(bc.lam), alpha=float(bc.alpha), eps=float(bc.eps),
-                             perturbed_term=bool(bc.perturbed_term))
-    sections = BoosterVaccineSections(bc, VaccineConfig(rho=float(sections.vaccine.rho)))
+    sections = BoosterVaccineSections(static_config(sections.booster),
+                                      VaccineConfig(rho=float(sections.vaccine.rho)))
 
     def step(frozen, state, batches, rng):
         grads, metrics = booster_vaccine_gradient(ctx.forward, sections, state.trainable, frozen, batches, rng)
