@@ -242,12 +242,17 @@ def finetune_weights(cfg: Config, base: Base, align_lora) -> tuple[Any, Any]:
     return merged, init_lora(jax.random.key(cfg.run.seed + 1000), base.llama, lora_spec(cfg))
 
 
+def finetune_fingerprint(cfg: Config, align_fp: str) -> str:
+    """The attack stage's identity: the alignment it starts from and its own settings."""
+    return hashlib.sha256((align_fp + config_fingerprint(
+        cfg, ["finetune", "data.task", "data.task_file", "data.n_finetune", "data.harmful_ratio", "data.seed",
+              "run.seed"])).encode()).hexdigest()[:16]
+
+
 def run_finetune(cfg: Config, base: Base, align_lora, align_fp: str, stage_dir: str,
                  progress: bool = True) -> tuple[Any, Any]:
     """The attack: n user samples with a fraction p harmful. Returns (frozen, fine-tuned LoRA)."""
-    fp = hashlib.sha256((align_fp + config_fingerprint(
-        cfg, ["finetune", "data.task", "data.task_file", "data.n_finetune", "data.harmful_ratio", "data.seed",
-              "run.seed"])).encode()).hexdigest()[:16]
+    fp = finetune_fingerprint(cfg, align_fp)
     frozen, trainable = finetune_weights(cfg, base, align_lora)
     mix, tok = finetune_examples(cfg, base.tokenizer)
     log.info("fine-tuning data: %d harmful + %d benign; %s", mix.n_harmful, mix.n_benign, tok.summary())
