@@ -141,7 +141,7 @@ class BeaverDamJudge:
                 raise BoosterInputError(f"beaver_dam: {field} must be a positive int, got {value!r}")
         if not 0.0 <= threshold <= 1.0:
             raise BoosterInputError(f"beaver_dam: threshold must be in [0, 1], got {threshold}")
-        model_dir = hf.resolve_model_dir(path)
+        model_dir = hf.resolve_model_dir(path, option="eval.judge_path")
         self.id2label, config_pad = read_head_config(model_dir)
         self.labels = tuple(self.id2label[i] for i in range(len(self.id2label)))
         cfg = hf.read_config(model_dir)
