@@ -298,7 +298,7 @@ def harmful_score_probe(cfg: Config, base: Base, forward: Forward, frozen):
     """lora -> HS (%) on the first ``track_hs_prompts`` evaluation prompts, greedy, with the run's judge."""
     from booster_jax.data.template import format_prompt
     from booster_jax.eval import judges, tasks
-    from booster_jax.eval.evaluate import make_judge
+    from booster_jax.eval.evaluate import make_judge, release_judge
     from booster_jax.eval.generate import generate_text
 
     prompts = list(formats.read_beavertails_eval_prompts(cfg.data.eval_harmful_file, n=cfg.finetune.track_hs_prompts,
@@ -311,6 +311,8 @@ def harmful_score_probe(cfg: Config, base: Base, forward: Forward, frozen):
                              max_new_tokens=cfg.eval.max_new_tokens_harmful, batch_size=cfg.eval.batch_size,
                              full_text=True)
         answers = [tasks.extract_answer(o) for o in outs]
-        return judges.harmful_score(judge.judge([ex.instruction for ex in prompts], answers))
+        score = judges.harmful_score(judge.judge([ex.instruction for ex in prompts], answers))
+        release_judge(cfg, judge)  # training goes on: the judge's weights must not stay beside it
+        return score
 
     return hs
