@@ -97,6 +97,10 @@ def run(command: str, config_path: str, overrides: list[str], progress: bool = T
         print(format_table(summaries))
         print("\nPer method and harmful ratio p (mean ± std over seeds when there are several):\n")
         print(format_study(summaries))
+        from booster_jax.eval.report import summary_warnings
+
+        for w in summary_warnings(summaries):
+            print(f"\nWARNING: {w}")
         print(f"\nreport: {path}")
     return 0
 

@@ -103,6 +103,8 @@ def run_pipeline(cfg: Config, only: str | None = None, progress: bool = True) ->
                 "fa_before": before["fa"], "refused_before": before.get("refused_benign"),
                 "refused_after": after.get("refused_benign"),
                 "curve": _curve(os.path.join(out, "finetune", tag, "track.jsonl")),
+                "warnings": (base_eval or {}).get("warnings", []) + before.get("warnings", [])
+                + after.get("warnings", []),
             })
     if summaries and jax.process_index() == 0:
         with open(os.path.join(out, "summaries.json"), "w") as f:

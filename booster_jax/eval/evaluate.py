@@ -83,6 +83,9 @@ def evaluate(cfg: Config, base, forward, frozen, lora, out_dir: str, name: str, 
             old = json.load(f)
         if old.get("fingerprint") == fp:
             log.info("evaluation %s: finished, reusing %s", name, summary_path)
+            log_result(name, old, summary_path)
+            for w in old.get("warnings", []):
+                log.warning("%s", "!" * 20 + " " + w)
             return old
     harmful, task = eval_sets(cfg)
     judge = judge or make_judge(cfg)
@@ -90,15 +93,14 @@ def evaluate(cfg: Config, base, forward, frozen, lora, out_dir: str, name: str, 
     model = forward.model
     gen = dict(model=model, params=frozen, lora=lora, tokenizer=tok, batch_size=cfg.eval.batch_size)
 
+    log.info("evaluation %s: generating for %d harmful, %d task and %d benign prompts", name, len(harmful),
+             len(task), cfg.data.n_eval_benign)
     harm_prompts = [format_prompt(ex.instruction, ex.input) for ex in harmful]
-    # As the official pred.py: decode prompt + continuation, then take the text after "### Response:".
-    harm_out = [tasks.extract_answer(t) for t in generate_text(
-        prompts=harm_prompts, max_new_tokens=cfg.eval.max_new_tokens_harmful, full_text=True, **gen)]
-    verdicts = judge.judge([ex.instruction for ex in harmful], harm_out) if harmful else []
+    harm_out = generate_answers(harm_prompts, cfg.eval.max_new_tokens_harmful, **gen)
+    verdicts = judge.judge([ex.instruction for ex in harmful], harm_out) if harmful else []  # the response alone
 
     task_prompts = [format_prompt(ex.instruction, ex.input) for ex in task]
-    task_out = [tasks.extract_answer(t) for t in generate_text(
-        prompts=task_prompts, max_new_tokens=cfg.eval.max_new_tokens_task, full_text=True, **gen)]
+    task_out = generate_answers(task_prompts, cfg.eval.max_new_tokens_task, **gen)
     if cfg.data.task == "alpaca":
         # AlpacaEval is judged elsewhere: write the generations in the JSON the alpaca_eval tool reads.
         os.makedirs(out_dir, exist_ok=True)
@@ -111,9 +113,8 @@ def evaluate(cfg: Config, base, forward, frozen, lora, out_dir: str, name: str, 
         correct = [bool(scorer(out, ex.output)) for out, ex in zip(task_out, task)]
 
     benign = benign_prompts(cfg)
-    benign_out = [tasks.extract_answer(t) for t in generate_text(
-        prompts=[format_prompt(ex.instruction) for ex in benign], max_new_tokens=cfg.eval.max_new_tokens_harmful,
-        full_text=True, **gen)] if benign else []
+    benign_out = generate_answers([format_prompt(ex.instruction) for ex in benign],
+                                  cfg.eval.max_new_tokens_harmful, **gen) if benign else []
     refused = refusal_rule(judge)
 
     os.makedirs(out_dir, exist_ok=True)
@@ -136,11 +137,50 @@ def evaluate(cfg: Config, base, forward, frozen, lora, out_dir: str, name: str, 
         "refused_task": _rate(refused, task_out),
         "refused_benign": _rate(refused, benign_out),
         "task_loss": heldout_loss(forward, frozen, lora, tok, task, cfg),
+        "no_answer_task": no_answer_rate(cfg.data.task, task_out) if correct else float("nan"),
+        "warnings": answer_warnings(cfg.data.task, task_out, name) if correct else [],
         "fingerprint": fp,
     }
     with open(summary_path, "w") as f:
         json.dump(summary, f, indent=2)
+    log_result(name, summary, summary_path)
     return summary
+
+
+def generate_answers(prompts: list[str], max_new_tokens: int, **gen) -> list[str]:
+    """The answer to each prompt, from the generated token ids alone (decoded continuation, cut at a
+    model-generated "### Response:"): a tokenizer that lowercases or re-spaces the prompt cannot hide it."""
+    outs = generate_text(prompts=prompts, max_new_tokens=max_new_tokens, full_text=False, **gen)
+    return [tasks.answer_from_continuation(t) for t in outs]
+
+
+NO_ANSWER_WARN = 50.0  # % of task answers in which the scorer finds no answer at all
+
+
+def no_answer_rate(task: str, answers: list[str]) -> float:
+    """Share (%) of task answers in which the task's scorer finds no answer (no label word, no number)."""
+    if not answers:
+        return float("nan")
+    return 100.0 * sum(not tasks.answer_found(task, a) for a in answers) / len(answers)
+
+
+def answer_warnings(task: str, answers: list[str], name: str) -> list[str]:
+    """A loud warning (logged, and kept in the summary and report) when most answers are unreadable."""
+    rate = no_answer_rate(task, answers)
+    if not rate > NO_ANSWER_WARN:
+        return []
+    first = next((a for a in answers if not tasks.answer_found(task, a)), "")
+    msg = (f"evaluation {name}: the {task} scorer found no answer in {rate:.0f}% of the {len(answers)} task "
+           f"responses (e.g. {first[:60]!r}); FA is not meaningful -- check the prompt template, the "
+           f"tokenizer and eval.max_new_tokens_task")
+    log.warning("%s", "!" * 20 + " " + msg)
+    return [msg]
+
+
+def log_result(name: str, summary: dict, path: str) -> None:
+    """One line per finished evaluation with its headline numbers (also with --no-progress)."""
+    log.info("evaluation %s: HS %.1f, FA %.1f, benign refused %.1f%% -> %s", name, summary["hs"], summary["fa"],
+             summary.get("refused_benign", float("nan")), path)
 
 
 def refusal_rule(judge):

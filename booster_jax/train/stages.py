@@ -292,20 +292,17 @@ def harmful_loss_hook(cfg: Config, base: Base, forward: Forward, frozen, mix, to
 def harmful_score_probe(cfg: Config, base: Base, forward: Forward, frozen):
     """lora -> HS (%) on the first ``track_hs_prompts`` evaluation prompts, greedy, with the run's judge."""
     from booster_jax.data.template import format_prompt
-    from booster_jax.eval import judges, tasks
-    from booster_jax.eval.evaluate import make_judge
-    from booster_jax.eval.generate import generate_text
+    from booster_jax.eval import judges
+    from booster_jax.eval.evaluate import generate_answers, make_judge
 
     prompts = list(formats.read_beavertails_eval_prompts(cfg.data.eval_harmful_file, n=cfg.finetune.track_hs_prompts,
                                                          split=None, allow_fewer=True))
     judge = make_judge(cfg)
 
     def hs(lora) -> float:
-        outs = generate_text(base.tokenizer, forward.model, frozen, lora,
-                             [format_prompt(ex.instruction) for ex in prompts],
-                             max_new_tokens=cfg.eval.max_new_tokens_harmful, batch_size=cfg.eval.batch_size,
-                             full_text=True)
-        answers = [tasks.extract_answer(o) for o in outs]
+        answers = generate_answers([format_prompt(ex.instruction) for ex in prompts],
+                                   cfg.eval.max_new_tokens_harmful, tokenizer=base.tokenizer, model=forward.model,
+                                   params=frozen, lora=lora, batch_size=cfg.eval.batch_size)
         return judges.harmful_score(judge.judge([ex.instruction for ex in prompts], answers))
 
     return hs
