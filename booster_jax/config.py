@@ -204,6 +204,10 @@ class RunConfig:
     checkpoint_every: int = _f(100, NONNEG)  # steps; 0 = only at the end
     keep_last: int = _f(2, POS)
     log_every: int = _f(10, POS)
+    # results shared by output directories, keyed by content fingerprint: the base model's evaluation, SFT
+    # warm-start steps, file digests. "" = a "cache" directory next to output_dir; cache: false = none
+    cache_dir: str = ""
+    cache: bool = True
 
 
 @dataclass(frozen=True)
@@ -522,6 +526,15 @@ def config_fingerprint(cfg: Config, sections: Sequence[str] | None = None) -> st
         picked[s] = node
     blob = json.dumps(picked, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def cache_dir(cfg: Config) -> str | None:
+    """Where fingerprint-keyed results shared by output directories live (None = no sharing)."""
+    if not cfg.run.cache:
+        return None
+    if cfg.run.cache_dir:
+        return cfg.run.cache_dir
+    return os.path.join(os.path.dirname(os.path.normpath(cfg.run.output_dir)) or ".", "cache")
 
 
 def save_config(cfg: Config, path: str) -> None:

@@ -129,3 +129,84 @@ def test_answer_from_continuation_matches_the_official_split():
         assert tasks.answer_from_continuation(cont) == tasks.extract_answer(prompt + cont)
     assert tasks.answer_found("sst2", " positive ") and not tasks.answer_found("sst2", "positive.")
     assert tasks.answer_found("gsm8k", "so 42") and not tasks.answer_found("gsm8k", "none")
+
+
+# ---------------------------------------------------------------- item 2: fingerprints by content
+
+def _bump_mtime(path, seconds=5):
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + seconds * 10**9))
+
+
+def test_editing_a_data_file_in_place_changes_the_alignment_fingerprint(tmp_path):
+    from booster_jax.train import stages
+
+    rows = [{"prompt": "p", "response": "r", "refusal": "Question: q\nAnswer: no"}] * 3
+    path = tmp_path / "align.json"
+    path.write_text(json.dumps(rows))
+    cfg = config_from_dict({"data": {"alignment_file": str(path)}})
+    base = types.SimpleNamespace(fingerprint="m")
+    fp = stages.align_fingerprint(cfg, base)
+    assert stages.align_fingerprint(cfg, base) == fp
+    path.write_text(json.dumps(rows).replace('Answer: no', 'Answer: ok'))  # same path, same size, new refusals
+    _bump_mtime(path)
+    new_fp = stages.align_fingerprint(cfg, base)
+    assert new_fp != fp
+    old = stages.align_inputs(cfg, base)
+    path.write_text(json.dumps(rows))
+    _bump_mtime(path)
+    assert stages.align_fingerprint(cfg, base) == fp  # content, not mtime, decides
+    from booster_jax.fingerprint import changed_inputs
+    assert changed_inputs(old, stages.align_inputs(cfg, base)) == ["data.alignment_file (content)"]
+    # the attack's task file and the eval files count by content too
+    task = tmp_path / "task.json"
+    task.write_text(json.dumps([{"sentence": "a", "label": 1}]))
+    tcfg = config_from_dict({"data": {"task_file": str(task)}})
+    ffp = stages.finetune_fingerprint(tcfg, "a")
+    task.write_text(json.dumps([{"sentence": "b", "label": 1}]))
+    _bump_mtime(task)
+    assert stages.finetune_fingerprint(tcfg, "a") != ffp
+
+
+def test_new_weights_in_the_same_model_dir_change_the_model_fingerprint(tmp_path):
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from booster_jax.train.stages import model_fingerprint
+
+    (tmp_path / "config.json").write_text("{}")
+    w = {"model.embed_tokens.weight": np.zeros((4, 2), np.float32)}
+    save_file(w, str(tmp_path / "model.safetensors"))
+    fp = model_fingerprint(str(tmp_path))
+    w["model.embed_tokens.weight"][1, 1] = 1.0  # same header and size, other bytes
+    save_file(w, str(tmp_path / "model.safetensors"))
+    _bump_mtime(tmp_path / "model.safetensors")
+    assert model_fingerprint(str(tmp_path)) != fp
+
+
+def test_file_digests_are_cached_on_disk_by_path_size_and_mtime(tmp_path, monkeypatch):
+    from booster_jax import fingerprint
+
+    f = tmp_path / "data.json"
+    f.write_text("[1, 2]")
+    monkeypatch.setattr(fingerprint, "_memo", {})
+    monkeypatch.setattr(fingerprint, "_cache_file", str(tmp_path / "cache" / "digests.json"))
+    d = fingerprint.file_digest(str(f))
+    assert json.load(open(tmp_path / "cache" / "digests.json"))  # written
+    monkeypatch.setattr(fingerprint, "_memo", {})
+    calls = []
+    real_sha = fingerprint.hashlib.sha256
+    monkeypatch.setattr(fingerprint.hashlib, "sha256", lambda *a: calls.append(1) or real_sha(*a))
+    assert fingerprint.file_digest(str(f)) == d and not calls  # a new process reads the cache, no rehash
+    _bump_mtime(f)
+    assert fingerprint.file_digest(str(f)) == d and calls  # rehashed on a new mtime, same content
+
+
+def test_input_log_names_the_changed_input(tmp_path, caplog):
+    from booster_jax.fingerprint import InputLog
+
+    InputLog(str(tmp_path)).check("align sft-s0", {"a": "1", "data.alignment_file (content)": "x"})
+    with caplog.at_level("WARNING"):
+        changed = InputLog(str(tmp_path)).check("align sft-s0", {"a": "1", "data.alignment_file (content)": "y"})
+    assert changed == ["data.alignment_file (content)"]
+    assert "align sft-s0: inputs changed" in caplog.text and "data.alignment_file (content)" in caplog.text

@@ -11,7 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from booster_jax.config import Config, config_fingerprint
+from booster_jax import fingerprint as fingerprint_mod
+from booster_jax.config import Config
 from booster_jax.data import formats
 from booster_jax.data.batches import collate
 from booster_jax.data.template import Example, format_prompt, tokenize_examples
@@ -71,13 +72,26 @@ def heldout_loss(forward, frozen, lora, tokenizer, examples: list[Example], cfg:
     return total / max(count, 1.0)
 
 
+EVAL_SECTIONS = ("eval", "data.eval_harmful_file", "data.n_eval_harmful", "data.task", "data.task_eval_file",
+                 "data.n_eval_task", "data.n_eval_benign", "data.max_length", "data.bucket_lengths")
+
+
+def eval_inputs(cfg: Config, model_fp: str) -> dict[str, str]:
+    """What an evaluation depends on: the evaluated model's fingerprint, each eval setting, and the content
+    of the eval files and of the judge's file."""
+    from booster_jax.train.stages import config_parts
+
+    return {"model": model_fp, **config_parts(cfg, EVAL_SECTIONS),
+            "data.eval_harmful_file (content)": fingerprint_mod.data_digest(cfg.data.eval_harmful_file),
+            "task eval file (content)": fingerprint_mod.data_digest(cfg.data.task_eval_file or cfg.data.task_file),
+            "eval.judge_path (content)": fingerprint_mod.data_digest(cfg.eval.judge_path)}
+
+
 def evaluate(cfg: Config, base, forward, frozen, lora, out_dir: str, name: str, judge=None,
              fingerprint: str = "") -> dict:
     """Evaluate one model (frozen params + LoRA); returns the summary (also at ``out_dir/summary.json``)."""
     summary_path = os.path.join(out_dir, "summary.json")
-    fp = fingerprint + config_fingerprint(cfg, ["eval", "data.eval_harmful_file", "data.n_eval_harmful",
-                                                "data.task", "data.task_eval_file", "data.n_eval_task",
-                                                "data.n_eval_benign"])
+    fp = fingerprint_mod.combine(eval_inputs(cfg, fingerprint))
     if os.path.exists(summary_path):
         with open(summary_path) as f:
             old = json.load(f)

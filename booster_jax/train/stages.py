@@ -8,7 +8,6 @@ fingerprint is not run again; an unfinished one resumes from its last step check
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -17,7 +16,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from booster_jax import parallel
+from booster_jax import fingerprint, parallel
 from booster_jax.config import BOOSTER_FAMILY, Config, config_fingerprint, config_to_dict
 from booster_jax.data import formats, mixture
 from booster_jax.data.batches import BatchStream
@@ -59,17 +58,14 @@ def load_base(cfg: Config, sharding_for=None) -> Base:
 
 
 def model_fingerprint(model_dir: str) -> str:
-    """Cheap identity of a model directory: its config and the safetensors headers (not the gigabytes)."""
-    h = hashlib.sha256()
-    for name in sorted(os.listdir(model_dir)):
-        path = os.path.join(model_dir, name)
-        if name.endswith(".json"):
-            h.update(open(path, "rb").read())
-        elif name.endswith(".safetensors"):
-            with open(path, "rb") as f:
-                head = f.read(8)
-                h.update(head + f.read(int.from_bytes(head, "little")))
-    return h.hexdigest()[:16]
+    """Identity of a model directory by content: its config / tokenizer files and its weights
+    (``booster_jax.fingerprint.model_fingerprint``: safetensors headers, sizes and bytes, cached)."""
+    return fingerprint.model_fingerprint(model_dir)
+
+
+def config_parts(cfg: Config, sections) -> dict[str, str]:
+    """One fingerprint part per config section, so a rerun can name the setting that changed."""
+    return {f"config {s}": config_fingerprint(cfg, [s]) for s in sections}
 
 
 def lora_spec(cfg: Config) -> LoraSpec:
@@ -106,15 +102,39 @@ def alignment_examples(cfg: Config, tokenizer):
     return tok_align, tok_harm
 
 
+ALIGN_SECTIONS = ("lora", "data.alignment_file", "data.align_start", "data.align_end", "data.max_length",
+                  "data.bucket_lengths", "data.benign_file", "data.seed", "align", "run.seed", "model.dtype",
+                  "model.param_dtype", "model.add_pad_token")
+
+
+def align_inputs(cfg: Config, base: Base) -> dict[str, str]:
+    """What the alignment depends on, by name: the base model, each config setting, each data file's content."""
+    return {"base model": base.fingerprint, **config_parts(cfg, ALIGN_SECTIONS),
+            "data.alignment_file (content)": fingerprint.data_digest(cfg.data.alignment_file),
+            "data.benign_file (content)": fingerprint.data_digest(cfg.data.benign_file)}
+
+
 def align_fingerprint(cfg: Config, base: Base) -> str:
-    sections = ["lora", "data.alignment_file", "data.align_start", "data.align_end", "data.max_length",
-                "data.bucket_lengths", "data.benign_file", "data.seed", "align", "run.seed", "model.dtype",
-                "model.param_dtype", "model.add_pad_token"]
-    return hashlib.sha256((base.fingerprint + config_fingerprint(cfg, sections)).encode()).hexdigest()[:16]
+    return fingerprint.combine(align_inputs(cfg, base))
 
 
-def run_align(cfg: Config, base: Base, stage_dir: str, progress: bool = True) -> Any:
-    """Align the base model with ``cfg.align.method``; returns the alignment LoRA."""
+def warmup_inputs(cfg: Config, base: Base, steps: int) -> dict[str, str]:
+    """What the SFT warm start depends on: the alignment's inputs without the method's own settings (a
+    Booster lam or a Vaccine rho does not change plain SFT steps), so variants share it."""
+    parts = {k: v for k, v in align_inputs(cfg, base).items() if k != "config align"}
+    return {**parts, "warm-start steps": str(steps), **config_parts(cfg, ["align.optim", "align.batch_size",
+                                                                          "align.benign_mix"])}
+
+
+def warmup_fingerprint(cfg: Config, base: Base, steps: int) -> str:
+    return fingerprint.combine(warmup_inputs(cfg, base, steps))
+
+
+def run_align(cfg: Config, base: Base, stage_dir: str, progress: bool = True, cache_dir: str | None = None) -> Any:
+    """Align the base model with ``cfg.align.method``; returns the alignment LoRA.
+
+    ``cache_dir``: the SFT warm start lives under ``<cache_dir>/warmup/<its fingerprint>`` and is shared by
+    every variant and output directory with the same inputs; None = inside ``stage_dir``."""
     fp = align_fingerprint(cfg, base)
     forward = forward_for(cfg, base)
     spec = lora_spec(cfg)
@@ -131,9 +151,11 @@ def run_align(cfg: Config, base: Base, stage_dir: str, progress: bool = True) ->
         # Deviation (documented): a short SFT warm start, its own stage so it resumes and is reused.
         warm_cfg = dataclasses.replace(cfg, align=dataclasses.replace(cfg.align, method="sft", max_steps=warm,
                                                                       warmup_sft_steps=0))
+        wfp = warmup_fingerprint(cfg, base, warm)
+        warm_dir = os.path.join(cache_dir, "warmup", wfp) if cache_dir else os.path.join(stage_dir, "warmup")
         trainable = train(warm_cfg, "align", "sft", cfg.align.optim, forward, base.params, trainable,
-                          {"align": streams["align"]}, warm, os.path.join(stage_dir, "warmup"),
-                          fp + "-warmup", _meta(cfg, base, "align-warmup"), progress, rng_seed=cfg.run.seed)
+                          {"align": streams["align"]}, warm, warm_dir, wfp, _meta(cfg, base, "align-warmup"),
+                          progress, rng_seed=cfg.run.seed)
     return train(cfg, "align", cfg.align.method, cfg.align.optim, forward, base.params, trainable,
                  streams, steps - warm, stage_dir, fp, _meta(cfg, base, "align"), progress,
                  rng_seed=cfg.run.seed + 7)
@@ -158,8 +180,15 @@ def train(cfg: Config, stage: str, method: str, optim_cfg, forward: Forward, fro
     frozen, state = parallel.place(frozen, mesh), parallel.place(state, mesh)
     # ---
     if store.is_done(fingerprint):
-        log.info("%s: finished stage found, reusing %s", stage, stage_dir)
-        return store.load_final(state)[0].trainable
+        log.info("%s:%s: finished stage found, reusing %s", stage, method, stage_dir)
+        state, final_meta = store.load_final(state)
+        # a later stage that continues these streams (align after its warm start) must see them where they
+        # ended, whether this stage ran now or was reused
+        for k, pos in final_meta.get("streams", {}).items():
+            if k in streams:
+                streams[k].restore(pos)
+        return state.trainable
+    log.info("%s:%s: starting, %d steps -> %s", stage, method, steps, stage_dir)
     _claim(store, fingerprint)
     step_fn = spec.make_step(StepContext(forward, optimizer, section, total_steps=steps))
     step_fn = parallel.shard_activations(step_fn, mesh)  # scale-out: batch-sharded activations (FSDP)
@@ -171,9 +200,11 @@ def train(cfg: Config, stage: str, method: str, optim_cfg, forward: Forward, fro
                                jit_kwargs=parallel.step_jit_kwargs(mesh, frozen, state),  # scale-out
                                place_batch=parallel.batch_placer(mesh))  # scale-out
     padding = {k: round(streams[k].padding_fraction, 4) for k in spec.streams}
-    log.info("%s:%s finished: %d steps, padding overhead %s (padded tokens / all tokens, per stream)",
-             stage, method, steps, padding)
-    store.save_final(state, {**meta, "summary": {**summary, "padding_fraction": padding}}, fingerprint)
+    losses = " ".join(f"{k}={v:.4g}" for k, v in summary.get("metrics", {}).items() if "loss" in k)
+    log.info("%s:%s finished: %d steps, %s, padding overhead %s (padded tokens / all tokens, per stream)",
+             stage, method, steps, losses or "no loss logged", padding)
+    store.save_final(state, {**meta, "summary": {**summary, "padding_fraction": padding},
+                             "streams": {k: streams[k].state() for k in spec.streams}}, fingerprint)
     return state.trainable
 
 
@@ -242,12 +273,25 @@ def finetune_weights(cfg: Config, base: Base, align_lora) -> tuple[Any, Any]:
     return merged, init_lora(jax.random.key(cfg.run.seed + 1000), base.llama, lora_spec(cfg))
 
 
+FINETUNE_SECTIONS = ("finetune", "data.task", "data.task_file", "data.n_finetune", "data.harmful_ratio",
+                     "data.seed", "run.seed")
+
+
+def finetune_inputs(cfg: Config, align_fp: str) -> dict[str, str]:
+    """What the attack depends on: the alignment (which covers the refusal file and the base model), each
+    config setting, the task file's content."""
+    return {"alignment": align_fp, **config_parts(cfg, FINETUNE_SECTIONS),
+            "data.task_file (content)": fingerprint.data_digest(cfg.data.task_file)}
+
+
+def finetune_fingerprint(cfg: Config, align_fp: str) -> str:
+    return fingerprint.combine(finetune_inputs(cfg, align_fp))
+
+
 def run_finetune(cfg: Config, base: Base, align_lora, align_fp: str, stage_dir: str,
                  progress: bool = True) -> tuple[Any, Any]:
     """The attack: n user samples with a fraction p harmful. Returns (frozen, fine-tuned LoRA)."""
-    fp = hashlib.sha256((align_fp + config_fingerprint(
-        cfg, ["finetune", "data.task", "data.task_file", "data.n_finetune", "data.harmful_ratio", "data.seed",
-              "run.seed"])).encode()).hexdigest()[:16]
+    fp = finetune_fingerprint(cfg, align_fp)
     frozen, trainable = finetune_weights(cfg, base, align_lora)
     mix, tok = finetune_examples(cfg, base.tokenizer)
     log.info("fine-tuning data: %d harmful + %d benign; %s", mix.n_harmful, mix.n_benign, tok.summary())
