@@ -210,3 +210,73 @@ def test_input_log_names_the_changed_input(tmp_path, caplog):
         changed = InputLog(str(tmp_path)).check("align sft-s0", {"a": "1", "data.alignment_file (content)": "y"})
     assert changed == ["data.alignment_file (content)"]
     assert "align sft-s0: inputs changed" in caplog.text and "data.alignment_file (content)" in caplog.text
+
+
+# ---------------------------------------------------------------- items 2, 12, 13 through the pipeline
+
+SMOKE = os.path.join(os.path.dirname(__file__), "..", "configs", "synthetic", "smoke.yaml")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    from booster_jax.config import load_config
+    from booster_jax.data.synthetic.embedded import PretrainRecipe, pretrain_base
+
+    root = tmp_path_factory.mktemp("world")
+    cfg = load_config(SMOKE, [f"world.dir={root}", f"run.output_dir={root}/pre"])
+    pretrain_base(cfg, PretrainRecipe(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2,
+                                      num_kv_heads=1, steps=2, batch_size=8, warmup_steps=1), progress=False)
+    return str(root)
+
+
+def test_progress_lines_shared_cache_and_changed_input_message(world, tmp_path, capsys, caplog):
+    import shutil
+
+    import run as cli
+
+    align_copy = tmp_path / "align.json"
+    from booster_jax.data.synthetic.world import FILES
+
+    shutil.copy(os.path.join(world, FILES["alignment"]), align_copy)
+    common = [SMOKE, f"world.dir={world}", f"data.alignment_file={align_copy}",
+              "grid.variants={b: {align.method: booster, align.warmup_sft_steps: 2}}", "grid.harmful_ratios=[0.1]",
+              "align.max_steps=4", "finetune.max_steps=2", "finetune.track_every=0", "data.n_eval_harmful=8",
+              "data.n_eval_task=8", "data.n_eval_benign=4", "--no-progress"]
+    with caplog.at_level("INFO"):
+        assert cli.main(common + [f"run.output_dir={tmp_path}/a"]) == 0
+    err, log = capsys.readouterr().err, caplog.text
+    # item 12: with --no-progress, each stage says when it starts and ends, each evaluation its HS / FA
+    assert "[align:booster] step 2/2" in err and "[finetune:sft] step 2/2" in err
+    for piece in ("align:sft: starting, 2 steps", "align:booster: starting, 2 steps", "align:booster finished",
+                  "finetune:sft: starting", "evaluation base: HS", "evaluation b-s0 aligned: HS",
+                  "evaluation b-s0-p0.1: HS"):
+        assert piece in log, piece
+    first = json.load(open(tmp_path / "a" / "summaries.json"))["runs"]
+
+    # item 13: another output dir reuses the base evaluation and the warm start through the shared cache
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        assert cli.main(common + [f"run.output_dir={tmp_path}/b"]) == 0
+    log = caplog.text
+    assert "evaluation base: finished, reusing " + str(tmp_path / "cache" / "eval-base") in log
+    assert "align:sft: finished stage found, reusing " + str(tmp_path / "cache" / "warmup") in log
+    assert "align:booster: starting" in log  # the method's own steps are new in this output dir
+    assert (tmp_path / "b" / "eval" / "base" / "samples.jsonl").exists()
+    second = json.load(open(tmp_path / "b" / "summaries.json"))["runs"]
+    # the same numbers as computing the warm start afresh (the reused stage hands on its stream position)
+    assert [(r["hs_before"], r["hs_after"], r["fa"]) for r in second] == \
+        [(r["hs_before"], r["hs_after"], r["fa"]) for r in first]
+
+    # item 2: the alignment file edited in place: alignment reruns, and the log says which input changed
+    rows = json.load(open(align_copy))
+    for r in rows:
+        r["refusal"] = r["refusal"].replace("\nAnswer: ", "\nAnswer: No. ")
+    align_copy.write_text(json.dumps(rows))
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        assert cli.main(common + [f"run.output_dir={tmp_path}/b"]) == 0
+    log = caplog.text
+    assert "align b-s0: inputs changed since the last run in this output directory: " \
+           "data.alignment_file (content)" in log
+    assert "align:booster: starting" in log and "align:sft: starting" in log
+    assert len(list((tmp_path / "b" / "align").iterdir())) == 2
