@@ -47,12 +47,16 @@ def main(argv=None) -> int:
     for noisy in ("absl", "jax._src", "orbax"):  # Orbax logs every file operation at INFO
         logging.getLogger(noisy).setLevel(logging.DEBUG if ns.verbose else logging.WARNING)
     from booster_jax.errors import BoosterInputError
+    from booster_jax.train.loop import TrainingDivergedError
 
     try:
         return run(command, config_path, overrides, progress=not ns.no_progress)
     except BoosterInputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except TrainingDivergedError as e:  # its message names the stage, the step and the checkpoint kept
+        print(f"error: training diverged: {e}", file=sys.stderr)
+        return 3
 
 
 def run(command: str, config_path: str, overrides: list[str], progress: bool = True) -> int:

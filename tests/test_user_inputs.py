@@ -280,3 +280,105 @@ def test_progress_lines_shared_cache_and_changed_input_message(world, tmp_path, 
            "data.alignment_file (content)" in log
     assert "align:booster: starting" in log and "align:sft: starting" in log
     assert len(list((tmp_path / "b" / "align").iterdir())) == 2
+
+
+# ---------------------------------------------------------------- items 9-11: bad input, one clear error
+
+def test_data_files_that_are_not_utf8_json_or_not_readable(tmp_path, monkeypatch):
+    from booster_jax.data import formats
+
+    bad = tmp_path / "latin1.json"
+    bad.write_bytes('[{"instruction": "caf\xe9", "output": "x"}]'.encode("latin-1"))
+    with pytest.raises(BoosterInputError, match=r"latin1.json: not UTF-8 text \(byte 0xe9 at offset"):
+        formats.read_instructions(str(bad))
+    parquet = tmp_path / "rows.json"
+    parquet.write_bytes(b"PAR1" + bytes(range(200)) + b"PAR1")
+    with pytest.raises(BoosterInputError, match="rows.json: this is a Parquet file.*.parquet extension"):
+        formats.read_instructions(str(parquet))
+    ok = tmp_path / "ok.json"
+    ok.write_text('[{"instruction": "a", "output": "b"}]')
+    monkeypatch.setattr(formats.os, "access", lambda p, mode: False)  # root can read anything; pretend
+    with pytest.raises(BoosterInputError, match="ok.json: cannot read data file \\(permission denied\\)"):
+        formats.read_instructions(str(ok))
+    monkeypatch.undo()
+
+    def denied(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(formats, "open", denied, raising=False)
+    with pytest.raises(BoosterInputError, match="ok.json: cannot read data file \\(Permission denied\\)"):
+        formats.read_instructions(str(ok))
+
+
+def test_training_diverged_reaches_the_user_as_one_error(monkeypatch, capsys):
+    import run as cli
+    from booster_jax.train.loop import TrainingDivergedError
+
+    def diverge(*a, **k):
+        raise TrainingDivergedError("stage 'align:sft': non-finite loss=nan at step 7; the last good checkpoint "
+                                    "is step 5 (runs/x/steps/5)")
+
+    monkeypatch.setattr(cli, "run", diverge)
+    assert cli.main(["--no-progress"]) == 3
+    err = capsys.readouterr().err
+    assert "error: training diverged: stage 'align:sft'" in err and "step 7" in err and "steps/5" in err
+    assert "Traceback" not in err
+
+
+def test_duplicate_yaml_keys_are_an_error(tmp_path):
+    from booster_jax.config import load_config
+
+    p = tmp_path / "c.yaml"
+    p.write_text("align:\n  method: sft\n  epochs: 2\n  method: booster\n")
+    with pytest.raises(BoosterInputError, match=r"c.yaml: not valid YAML: key 'method' appears twice"):
+        load_config(str(p))
+
+
+def test_max_length_that_truncates_every_response_is_an_error():
+    from booster_jax.data.template import Example, tokenize_examples
+    from booster_jax.train.stages import check_targets
+
+    tok = lowercasing_tokenizer(["a question", "an answer"])
+    cfg = config_from_dict({"data": {"max_length": 1}})
+    t = tokenize_examples(tok, [Example("a question", "", "an answer")] * 3, 1)
+    with pytest.raises(BoosterInputError, match="data.max_length=1: every one of the 3 alignment examples"):
+        check_targets(t, "alignment", cfg)
+    assert check_targets(tokenize_examples(tok, [Example("a question", "", "an answer")], 64), "x", cfg)
+
+
+@pytest.mark.parametrize("value, match", [("int", "integer-typed"), ("nan", "non-finite")])
+def test_integer_or_nan_weights_are_refused_at_load(tmp_path, value, match):
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from booster_jax.models.hf import SafetensorsIndex, _fetch
+
+    w = np.ones((4, 2), np.int64) if value == "int" else np.array([[1.0, np.nan]] * 4, np.float32)
+    save_file({"model.norm.weight": w}, str(tmp_path / "model.safetensors"))
+    index = SafetensorsIndex(str(tmp_path))
+    with pytest.raises(BoosterInputError, match=f"model.safetensors: tensor model.norm.weight .*{match}"):
+        _fetch(index, "model.norm.weight", (4, 2), False, str(tmp_path))
+
+
+def test_skip_bad_rows_is_one_rule_for_every_file_and_says_when_ranges_shift(tmp_path, caplog):
+    from booster_jax.eval.evaluate import benign_prompts, eval_sets
+    from booster_jax.train.stages import refusal_rows
+
+    paths, _ = eval_files(tmp_path)
+    rows = json.load(open(paths["eval.json"]))
+    rows.insert(1, {"prompt": 3, "is_safe": False})  # a bad row in the eval file
+    open(paths["eval.json"], "w").write(json.dumps(rows))
+    with pytest.raises(BoosterInputError, match="row 1: field 'prompt'"):
+        eval_sets(eval_config(paths))
+    cfg = eval_config(paths, data__skip_bad_rows=True)
+    harmful, task = eval_sets(cfg)
+    assert len(harmful) == 4 and len(benign_prompts(cfg)) == 2
+    refusals = [{"prompt": "p", "response": "r", "refusal": "Question: q\nAnswer: a"}] * 6
+    refusals[2] = {"prompt": "p"}
+    path = tmp_path / "refusals.json"
+    path.write_text(json.dumps(refusals))
+    with caplog.at_level("WARNING"):
+        got = refusal_rows(config_from_dict({"data": {"alignment_file": str(path), "skip_bad_rows": True,
+                                                      "align_start": 1, "align_end": 4}}))
+    assert len(got) == 5 and got.n_skipped == 1
+    assert "1 bad rows skipped (first at file row 2)" in caplog.text and "shifted by up to 1" in caplog.text

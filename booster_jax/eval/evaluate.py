@@ -41,16 +41,17 @@ def benign_prompts(cfg: Config) -> list[Example]:
     """The safe prompts of the evaluation file (BeaverTails interleaves them): over-refusal is measured on them."""
     if not cfg.data.n_eval_benign:
         return []
-    rows = formats.read_beavertails(cfg.data.eval_harmful_file)
+    rows = formats.read_beavertails(cfg.data.eval_harmful_file, skip_bad_rows=cfg.data.skip_bad_rows)
     return [Example(instruction=r.prompt) for r in rows if r.is_safe][:cfg.data.n_eval_benign]
 
 
 def eval_sets(cfg: Config) -> tuple[list[Example], list[Example]]:
     """(harmful prompts, task examples), checked before any generation starts."""
+    skip = cfg.data.skip_bad_rows  # one rule for every file
     harmful = list(formats.read_beavertails_eval_prompts(cfg.data.eval_harmful_file, n=cfg.data.n_eval_harmful,
-                                                         split=None, allow_fewer=True))
+                                                         split=None, allow_fewer=True, skip_bad_rows=skip))
     task = list(TASK_READERS[cfg.data.task](cfg.data.task_eval_file or cfg.data.task_file, n=cfg.data.n_eval_task,
-                                            allow_fewer=True))
+                                            allow_fewer=True, skip_bad_rows=skip))
     if cfg.data.n_eval_harmful and not harmful:
         raise BoosterInputError(f"{cfg.data.eval_harmful_file}: no unsafe prompts to evaluate")
     if cfg.data.n_eval_task and not task:

@@ -21,6 +21,7 @@ from booster_jax.config import BOOSTER_FAMILY, Config, config_fingerprint, confi
 from booster_jax.data import formats, mixture
 from booster_jax.data.batches import BatchStream
 from booster_jax.data.template import tokenize_examples
+from booster_jax.errors import BoosterInputError
 from booster_jax.methods.base import Forward, StepContext, get_method, init_state, make_optimizer
 from booster_jax.models import hf
 from booster_jax.models.llama import LlamaConfig, LoraSpec, make_model
@@ -89,17 +90,44 @@ def total_steps(stage_cfg, steps_per_epoch: int) -> int:
 
 # ---------------------------------------------------------------------------------------------- align
 
-def alignment_examples(cfg: Config, tokenizer):
+def refusal_rows(cfg: Config):
+    """The refusal file's rows. With ``data.skip_bad_rows`` the row ranges (alignment
+    ``data.align_start..align_end``, the attack's rows 1..) count *usable* rows, so skipped rows before a
+    range's end shift it; that is said, with the number of file rows it moved by."""
     rows = formats.read_refusal_rows(cfg.data.alignment_file, skip_bad_rows=cfg.data.skip_bad_rows)
+    before_end = [i for i in rows.skipped_rows if i < cfg.data.align_end + len(rows.skipped_rows)]
+    if before_end:
+        log.warning("%s: %d bad rows skipped (first at file row %d); the row ranges (alignment rows %d..%d, the "
+                    "attack's harmful rows from 1) now count usable rows, so they are shifted by up to %d file "
+                    "rows", cfg.data.alignment_file, len(rows.skipped_rows), before_end[0], cfg.data.align_start,
+                    cfg.data.align_end - 1, len(before_end))
+    return rows
+
+
+def alignment_examples(cfg: Config, tokenizer):
+    rows = refusal_rows(cfg)
     align, harmful = mixture.alignment_sets(rows, cfg.data.align_start, cfg.data.align_end)
     if cfg.align.benign_mix > 0:
         if not cfg.data.benign_file:
-            raise ValueError("align.benign_mix > 0 needs data.benign_file (an instruction file)")
-        benign = formats.read_instructions(cfg.data.benign_file)
+            raise BoosterInputError("align.benign_mix > 0 needs data.benign_file (an instruction file)")
+        benign = formats.read_instructions(cfg.data.benign_file, skip_bad_rows=cfg.data.skip_bad_rows)
         align = mixture.benign_mix(align, list(benign), cfg.align.benign_mix, cfg.data.seed)
-    tok_align = tokenize_examples(tokenizer, align, cfg.data.max_length)
-    tok_harm = tokenize_examples(tokenizer, harmful, cfg.data.max_length)
+    tok_align = check_targets(tokenize_examples(tokenizer, align, cfg.data.max_length), "alignment", cfg)
+    tok_harm = check_targets(tokenize_examples(tokenizer, harmful, cfg.data.max_length), "harmful", cfg)
     return tok_align, tok_harm
+
+
+def check_targets(tok, what: str, cfg: Config):
+    """Refuse a training set whose every example lost its response to truncation (it would train on nothing);
+    warn when most did."""
+    n = len(tok.items)
+    if n and tok.n_no_target == n:
+        raise BoosterInputError(f"data.max_length={cfg.data.max_length}: every one of the {n} {what} examples is "
+                                "truncated before its response, so nothing would be trained; raise data.max_length")
+    if n and tok.n_no_target > n / 2:
+        log.warning("data.max_length=%d: %d of %d %s examples are truncated before their response (no target "
+                    "tokens)", cfg.data.max_length, tok.n_no_target, n, what)
+    return tok
 
 
 ALIGN_SECTIONS = ("lora", "data.alignment_file", "data.align_start", "data.align_end", "data.max_length",
@@ -252,11 +280,11 @@ def continues_alignment_lora(cfg: Config) -> bool:
 
 
 def finetune_examples(cfg: Config, tokenizer):
-    rows = formats.read_refusal_rows(cfg.data.alignment_file, skip_bad_rows=cfg.data.skip_bad_rows)
+    rows = refusal_rows(cfg)
     task = task_train_examples(cfg)
     mix = mixture.finetune_mixture(rows, list(task), cfg.data.n_finetune, cfg.data.harmful_ratio, cfg.data.seed,
                                    alignment_range=range(cfg.data.align_start, cfg.data.align_end))
-    return mix, tokenize_examples(tokenizer, mix.examples, cfg.data.max_length)
+    return mix, check_targets(tokenize_examples(tokenizer, mix.examples, cfg.data.max_length), "fine-tuning", cfg)
 
 
 def task_train_examples(cfg: Config):
@@ -340,7 +368,8 @@ def harmful_score_probe(cfg: Config, base: Base, forward: Forward, frozen):
     from booster_jax.eval.evaluate import generate_answers, make_judge
 
     prompts = list(formats.read_beavertails_eval_prompts(cfg.data.eval_harmful_file, n=cfg.finetune.track_hs_prompts,
-                                                         split=None, allow_fewer=True))
+                                                         split=None, allow_fewer=True,
+                                                         skip_bad_rows=cfg.data.skip_bad_rows))
     judge = make_judge(cfg)
 
     def hs(lora) -> float:
