@@ -220,7 +220,7 @@ def run_stage(
                     metrics_fh.write(json.dumps({"stage": name, **last_metrics, "step": step, **rates},
                                                 sort_keys=True) + "\n")
                     metrics_fh.flush()
-                if bar is None and main and progress and (step % milestone == 0 or step == total_steps):
+                if bar is None and main and (step % milestone == 0 or step == total_steps):
                     # No terminal (logs, CI): a line at every tenth of the stage instead of a bar.
                     losses = " ".join(f"{k}={v:.4g}" for k, v in last_metrics.items() if "loss" in k)
                     print(f"[{name}] step {step}/{total_steps} {losses} {rates['steps_per_s']:.2f} it/s "
