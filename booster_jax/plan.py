@@ -63,6 +63,8 @@ KNOWN_MODELS: dict[str, dict] = {
                                       intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                                       num_key_value_heads=8, rms_norm_eps=1e-5, rope_theta=10000.0,
                                       sliding_window=4096, max_position_embeddings=32768, pad=False),
+    # the paper's judge: a Llama-7B sequence classifier (14 labels); its tokenizer has a pad token
+    "PKU-Alignment/beaver-dam-7b": {**_LLAMA2, "pad": True},
     "Qwen/Qwen2.5-7B": dict(model_type="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
                             num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
                             rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=131072,
@@ -196,6 +198,74 @@ def _compiled_memory(cfg, llama, spec, method, stage, rows, mesh) -> dict:
     return out
 
 
+def _architecture_of(path: str):
+    """LlamaConfig of a model directory or a known hub id, without weights; None if neither."""
+    from booster_jax.models.llama import LlamaConfig
+
+    if os.path.isdir(path):
+        from booster_jax.models import hf
+
+        return hf.read_config(path)
+    if path in KNOWN_MODELS:
+        d = {k: v for k, v in KNOWN_MODELS[path].items() if k != "pad"}
+        return LlamaConfig.from_hf_dict(d, f"built-in table ({path})")
+    return None
+
+
+def eval_phase(cfg, llama, sizes: dict, base_bytes: int) -> dict:
+    """Per-device memory of an evaluation: the base weights, the KV cache and logits of batched
+    generation, and (BeaverDam) the judge, which is built for the evaluation and sharded like the base.
+    Training's state and activations are gone by then (the judge is never loaded beside them)."""
+    from booster_jax.models.llama import DTYPES, init_params, make_model
+
+    c = np.dtype(DTYPES[cfg.model.dtype]).itemsize
+    rows = -(-parallel.padded_batch(cfg.eval.batch_size, sizes) // parallel.batch_shards(sizes))
+    length = cfg.data.max_length + max(cfg.eval.max_new_tokens_harmful, cfg.eval.max_new_tokens_task)
+    kv = llama.num_kv_heads // sizes["tensor"] if llama.num_kv_heads % sizes["tensor"] == 0 else llama.num_kv_heads
+    out = {"base_params": base_bytes,
+           "kv_cache": 2 * llama.num_layers * rows * length * kv * llama.head_dim * c,
+           "logits": rows * llama.vocab_size * 4 * 2}
+    note = None
+    if cfg.eval.judge == "beaver_dam":
+        judge = _architecture_of(cfg.eval.judge_path)
+        dtype = "bfloat16" if cfg.eval.judge_dtype == "auto" else cfg.eval.judge_dtype
+        if judge is None:
+            note = f"judge {cfg.eval.judge_path!r}: architecture unknown offline; not counted"
+        else:
+            shapes = jax.eval_shape(lambda: init_params(make_model(judge, param_dtype=dtype), jax.random.key(0)))
+            shapes.pop("lm_head", None)  # a classifier: a 14-label score head instead
+            out["judge_params"] = _local_bytes(shapes, sizes)
+            # one layer's forward temporaries of a judge batch (no backward: nothing is kept per layer)
+            jrows = -(-parallel.padded_batch(16, sizes) // parallel.batch_shards(sizes))
+            out["judge_activations"] = activation_bytes(judge.replace(num_layers=1, vocab_size=1), jrows, 512,
+                                                        np.dtype(DTYPES[dtype]).itemsize, sizes["tensor"], 0, 0)
+            note = f"judge {cfg.eval.judge_path} in {dtype}" + (" (eval.judge_dtype auto: bf16 on an accelerator)"
+                                                               if cfg.eval.judge_dtype == "auto" else "")
+    out["total"] = sum(out.values())
+    return {"estimate": out, "note": note, "rows": rows, "length": length}
+
+
+def _cpu_bf16(cfg, compiled: dict) -> bool:
+    """XLA:CPU's bf16 numbers say nothing about a GPU's: it converts every bf16 weight to an f32 copy
+    before the layer loop (the stacked frozen kernels, all layers at once: +2x the weights) and keeps
+    bf16 activations as f32. Measured on the Llama-2-7B plan: 60.4 GB temporaries for 22.2 estimated."""
+    return compiled.get("backend") == "cpu" and "bfloat16" in (cfg.model.dtype, cfg.model.param_dtype)
+
+
+def _f32_check(cfg, llama, spec, method, stage, rows, mesh, sizes, act_bf16) -> dict:
+    """The same step compiled in float32, where XLA:CPU adds no converts, against the estimate's f32
+    activations: the check of the estimate's formula that a CPU can give."""
+    from booster_jax.config import apply_overrides
+
+    cfg32 = apply_overrides(cfg, {"model.dtype": "float32", "model.param_dtype": "float32"})
+    m = _compiled_memory(cfg32, llama, spec, method, stage, rows, mesh)
+    act32 = max(activation_bytes(llama, -(-parallel.padded_batch(n, sizes) // parallel.batch_shards(sizes)),
+                                 cfg.data.max_length, 4, sizes["tensor"], cfg.lora.r, len(cfg.lora.targets))
+                for n in rows.values())
+    return {"temp": m.get("temp", 0), "activations_estimate": act32, "ratio": m.get("temp", 0) / max(act32, 1),
+            "bf16_activations_estimate": act_bf16}
+
+
 def make_plan(cfg) -> dict:
     """The plan as a dict (``print_plan`` formats it)."""
     from booster_jax.methods.base import init_state, make_optimizer
@@ -259,10 +329,14 @@ def make_plan(cfg) -> dict:
         if mesh is not None:
             try:
                 entry["compiled"] = _compiled_memory(cfg, llama, spec, method, stage, rows, mesh)
+                if _cpu_bf16(cfg, entry["compiled"]):
+                    entry["f32_check"] = _f32_check(cfg, llama, spec, method, stage, rows, mesh, sizes, act)
             except Exception as e:  # noqa: BLE001 - the estimate still stands
                 entry["compiled_error"] = f"{type(e).__name__}: {str(e)[:300]}"
         steps.append(entry)
+    evaluation = eval_phase(cfg, llama, sizes, per_device["base_params"]) if cfg.eval.enabled else None
     return {
+        "evaluation": evaluation,
         "model": cfg.model.path or "(synthetic world)", "source": source, "adds_pad_row": adds_pad,
         "n_params": n_params, "n_lora": n_lora, "param_dtype": cfg.model.param_dtype, "dtype": cfg.model.dtype,
         "mesh": sizes, "devices": devices, "local_devices": local, "length": cfg.data.max_length,
@@ -311,14 +385,31 @@ def print_plan(cfg) -> dict:
         if "all_passes_total" in s:
             lines.append(f"  {'all ' + str(s['passes']) + ' passes live':<17}{_gb(s['all_passes_total'])}   "
                          "(if XLA keeps every pass's activations, as its CPU schedule does)")
-        if "compiled" in s and s["compiled"].get("backend") == "cpu" and p["dtype"] == "bfloat16":
-            lines.append("  (the CPU backend computes bf16 in f32: its temporaries overstate a GPU's)")
+        check = s.get("f32_check")
+        if check:
+            lines.append("  (not a GPU's number: XLA:CPU converts every bf16 weight to an f32 copy before the layer "
+                         "loop and keeps bf16 activations as f32)")
+            lines.append(f"  check in float32 (no converts): compiled temporaries {check['temp'] / GB:.2f} GB vs "
+                         f"estimated f32 activations {check['activations_estimate'] / GB:.2f} GB "
+                         f"({100 * (check['ratio'] - 1):+.0f}%); the bf16 estimate uses the same formula")
         if mem:
+            compiled_peak = None if check else s.get("compiled", {}).get("peak")
             for what, need in (("estimate", e["total"]), ("all passes live", s.get("all_passes_total")),
-                               ("compiled", s.get("compiled", {}).get("peak"))):
+                               ("compiled", compiled_peak)):
                 if need:
                     verdict = "fits" if need <= 0.9 * mem * GB else "does NOT fit"
                     lines.append(f"  -> {what}: {verdict} in {mem:.0f} GB ({100 * need / (mem * GB):.0f}% of it)")
+    ev = p.get("evaluation")
+    if ev:
+        e = ev["estimate"]
+        lines.append(f"\nevaluate  (generation batch {ev['rows']} rows per device x {ev['length']} tokens; "
+                     f"{ev['note'] or 'no model judge'})   per device:")
+        for k in ("base_params", "kv_cache", "logits", "judge_params", "judge_activations", "total"):
+            if k in e:
+                lines.append(f"  {k:<17}{_gb(e[k])}")
+        if mem:
+            verdict = "fits" if e["total"] <= 0.9 * mem * GB else "does NOT fit"
+            lines.append(f"  -> estimate: {verdict} in {mem:.0f} GB ({100 * e['total'] / (mem * GB):.0f}% of it)")
     if mem:
         lines.append("\n(\"fits\" leaves 10% for the runtime; JAX preallocates 75% of a GPU unless "
                      "XLA_PYTHON_CLIENT_MEM_FRACTION is raised)")
