@@ -89,7 +89,7 @@ def heldout_loss(forward, frozen, lora, tokenizer, examples: list[Example], cfg:
 
 EVAL_SECTIONS = ("eval", "data.eval_harmful_file", "data.n_eval_harmful", "data.task", "data.task_eval_file",
                  "data.n_eval_task", "data.n_eval_benign", "data.eval_benign_file", "data.max_length",
-                 "data.bucket_lengths")
+                 "data.bucket_lengths", "data.skip_bad_rows")
 
 
 def eval_inputs(cfg: Config, model_fp: str) -> dict[str, str]:

@@ -149,9 +149,9 @@ def check_targets(tok, what: str, cfg: Config):
 
 
 ALIGN_SECTIONS = ("lora", "data.alignment_file", "data.align_start", "data.align_end", "data.harmful_start",
-                  "data.harmful_end", "data.max_length",
-                  "data.bucket_lengths", "data.drop_last", "data.benign_file", "data.seed", "align", "run.seed", "model.dtype",
-                  "model.param_dtype", "model.add_pad_token")
+                  "data.harmful_end", "data.max_length", "data.bucket_lengths", "data.drop_last", "data.skip_bad_rows",
+                  "data.benign_file", "data.seed", "align", "run.seed", "model.dtype", "model.param_dtype",
+                  "model.add_pad_token")
 
 
 def align_inputs(cfg: Config, base: Base) -> dict[str, str]:
@@ -341,7 +341,7 @@ def finetune_weights(cfg: Config, base: Base, align_lora) -> tuple[Any, Any]:
 
 
 FINETUNE_SECTIONS = ("finetune", "data.task", "data.task_file", "data.n_finetune", "data.harmful_ratio",
-                     "data.seed", "run.seed", "data.drop_last", "data.attack_start", "data.attack_order",
+                     "data.seed", "run.seed", "data.drop_last", "data.skip_bad_rows", "data.attack_start", "data.attack_order",
                      "data.attack_pool_end", "data.task_order")
 
 
