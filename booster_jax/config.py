@@ -40,6 +40,7 @@ NONNEG = ("a value >= 0", lambda v: v >= 0)
 UNIT = ("a value in [0, 1]", lambda v: 0 <= v <= 1)
 UNIT_OPEN = ("a value in [0, 1)", lambda v: 0 <= v < 1)
 DEVICES = ("-1 (all remaining devices) or a value >= 1", lambda v: v == -1 or v >= 1)
+ROW_OR_SAME = ("a row number >= 0, or -1 (the alignment rows)", lambda v: v >= -1)
 GRAD_NORM = ("a value >= 0 or null (0/null = no clipping)", lambda v: v is None or v >= 0)
 
 
@@ -124,8 +125,14 @@ class AlignConfig:
     vaccine: VaccineConfig = _f(VaccineConfig())
     repnoise: RepNoiseConfig = _f(RepNoiseConfig())
     warmup_sft_steps: int = _f(0, NONNEG)  # deviation: plain SFT steps before the method
-    # deviation: benign instruction examples added, as a fraction of the alignment set (1.0 = 50/50); 0 = paper
+    # at the switch from the warm start to the method: "reset" the AdamW state (moments, step count) or "keep" it
+    warmup_optimizer: str = _f("reset", choices=("reset", "keep"))
+    # deviation (0 = paper): benign instruction examples added to the alignment pool, int(benign_mix * #refusals)
+    # of them drawn once with data.seed, then shuffled in: 1.0 = as many as refusals, so about half of each
+    # batch is benign (benign_mix / (1 + benign_mix) of it on average)
     benign_mix: float = _f(0.0, NONNEG)
+    # with benign_mix: drop the benign rows whose response the run's judge (eval.judge) flags as harmful
+    benign_filter: bool = False
     harmful_batch_size: int = _f(10, POS)
 
     @property
@@ -156,6 +163,13 @@ class DataConfig:
     alignment_file: str = ""  # refusal-format json; "" = synthetic world
     align_start: int = _f(5001, NONNEG)
     align_end: int = _f(10000, POS)
+    # Row roles in the refusal file; the defaults are the official layout (booster_jax/data/mixture.py).
+    harmful_start: int = _f(-1, ROW_OR_SAME)  # Booster's harmful set: rows harmful_start..harmful_end-1;
+    harmful_end: int = _f(-1, ROW_OR_SAME)  # -1 = the alignment rows' prompt/response pairs (official)
+    attack_start: int = _f(1, NONNEG)  # the attack's harmful rows start here (official: 0 < i < int(p*n))
+    attack_order: str = _f("in_order", choices=("in_order", "sampled"))  # sampled: with data.seed
+    attack_pool_end: int = _f(0, NONNEG)  # sampled: from rows attack_start..attack_pool_end-1 (0 = file end)
+    task_order: str = _f("first", choices=("first", "sampled"))  # the attack's benign task rows (official: first)
     task: str = _f("sst2", choices=TASKS)
     task_file: str = ""
     task_eval_file: str = ""
@@ -169,6 +183,10 @@ class DataConfig:
     bucket_lengths: list[int] = _f([64, 128, 256], POS, nonempty=True)
     skip_bad_rows: bool = False
     benign_file: str = ""  # instruction file for align.benign_mix
+    drop_last: bool = False  # drop each epoch's last partial batch (HF dataloader_drop_last); official: keep
+    # over-refusal prompts: "" = the safe rows of eval_harmful_file; else a file of prompts (rows with a
+    # string 'prompt' or 'instruction' (+ optional 'input'), e.g. an instruction file)
+    eval_benign_file: str = ""
     seed: int = 42
 
 
@@ -394,6 +412,13 @@ def _cross_checks(cfg: Config, probs: _Problems) -> None:
     d = cfg.data
     if d.align_start >= d.align_end and not {"data.align_start", "data.align_end"} & probs.keys:
         probs.add("data.align_start", f"expected < data.align_end ({d.align_end}), got {d.align_start}")
+    if (d.harmful_start == -1) != (d.harmful_end == -1):
+        probs.add("data.harmful_start", "set data.harmful_start and data.harmful_end together (-1 for both = the "
+                                        f"alignment rows), got {d.harmful_start} and {d.harmful_end}")
+    elif d.harmful_start >= 0 and d.harmful_start >= d.harmful_end:
+        probs.add("data.harmful_start", f"expected < data.harmful_end ({d.harmful_end}), got {d.harmful_start}")
+    if d.attack_order == "in_order" and d.attack_pool_end:
+        probs.add("data.attack_pool_end", "only used with data.attack_order: sampled")
     if len(set(cfg.lora.targets)) != len(cfg.lora.targets):
         probs.add("lora.targets", f"expected no duplicates, got {cfg.lora.targets}")
     for name, ov in cfg.grid.variants.items():

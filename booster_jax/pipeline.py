@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import jax
 
 from booster_jax.config import Config, apply_overrides, cache_dir, save_config
-from booster_jax.eval.evaluate import eval_inputs, eval_sets, evaluate, make_judge
+from booster_jax.eval.evaluate import benign_prompts, eval_inputs, eval_sets, evaluate, make_judge
 from booster_jax.fingerprint import InputLog, combine, set_cache_file
 from booster_jax.train import stages
 
@@ -66,6 +66,7 @@ def check_inputs(cfg: Config) -> None:
     stages.task_train_examples(cfg)
     if cfg.eval.enabled:
         eval_sets(cfg)
+        benign_prompts(cfg)
 
 
 def run_pipeline(cfg: Config, only: str | None = None, progress: bool = True) -> list[dict]:

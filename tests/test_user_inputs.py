@@ -7,6 +7,7 @@ import os
 import types
 
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from booster_jax.config import config_from_dict
@@ -382,3 +383,115 @@ def test_skip_bad_rows_is_one_rule_for_every_file_and_says_when_ranges_shift(tmp
                                                       "align_start": 1, "align_end": 4}}))
     assert len(got) == 5 and got.n_skipped == 1
     assert "1 bad rows skipped (first at file row 2)" in caplog.text and "shifted by up to 1" in caplog.text
+
+
+# ---------------------------------------------------------------- items 4-8: options a user's own data needs
+
+def _refusal_file(tmp_path, n=40):
+    rows = [{"prompt": f"p{i}", "response": f"r{i}", "refusal": f"Question: q{i}\nAnswer: no{i}"} for i in range(n)]
+    path = tmp_path / "refusals.json"
+    path.write_text(json.dumps(rows))
+    task = tmp_path / "task.json"
+    task.write_text(json.dumps([{"sentence": f"s{i}", "label": i % 2} for i in range(30)]))
+    return str(path), str(task)
+
+
+def test_row_roles_default_to_the_official_layout_and_are_checked_for_overlap(tmp_path):
+    from booster_jax.data import mixture
+    from booster_jax.train import stages
+
+    assert mixture.attack_harmful_rows(1000, 0.1, 20000) == list(mixture.finetune_harmful_rows(1000, 0.1))
+    assert mixture.task_indices(30, 5) == [0, 1, 2, 3, 4]
+    sampled = mixture.attack_harmful_rows(100, 0.2, 40, start=0, order="sampled", exclude=range(20, 30), seed=3)
+    assert len(sampled) == 19 and not set(sampled) & set(range(20, 30)) and len(set(sampled)) == 19
+    smaller = mixture.attack_harmful_rows(100, 0.1, 40, start=0, order="sampled", exclude=range(20, 30), seed=3)
+    assert set(smaller) <= set(sampled)  # nested across ratios
+    assert set(mixture.task_indices(30, 5, "sampled", 0)) <= set(mixture.task_indices(30, 10, "sampled", 0))
+
+    align, task = _refusal_file(tmp_path)
+    base = {"alignment_file": align, "task_file": task, "align_start": 30, "align_end": 40, "n_finetune": 20,
+            "harmful_ratio": 0.25}
+    mix, _ = stages.finetune_examples(config_from_dict({"data": base}), lowercasing_tokenizer(["x"]))
+    assert list(mix.harmful_rows) == [1, 2, 3, 4]  # official: 0 < i < int(p*n)
+    cfg = config_from_dict({"data": {**base, "harmful_start": 0, "harmful_end": 10, "task_order": "sampled"}})
+    with pytest.raises(BoosterInputError, match="fine-tuning harmful rows and Booster harmful-set rows share 4"):
+        stages.finetune_examples(cfg, lowercasing_tokenizer(["x"]))
+    cfg = config_from_dict({"data": {**base, "harmful_start": 0, "harmful_end": 10, "attack_start": 10}})
+    mix, _ = stages.finetune_examples(cfg, lowercasing_tokenizer(["x"]))
+    assert list(mix.harmful_rows) == [10, 11, 12, 13]
+    _, harmful = stages.alignment_examples(cfg, lowercasing_tokenizer(["p0 r0"]))
+    assert len(harmful.items) == 10  # Booster's harmful set: rows 0..9, apart from the alignment rows 30..39
+    cfg = config_from_dict({"data": {**base, "harmful_start": 0, "harmful_end": 10, "attack_order": "sampled"}})
+    mix, _ = stages.finetune_examples(cfg, lowercasing_tokenizer(["x"]))
+    assert set(mix.harmful_rows) <= set(range(10, 30))  # never a row another role uses
+    with pytest.raises(BoosterInputError, match="data.harmful_start: set data.harmful_start and data.harmful_end"):
+        config_from_dict({"data": {"harmful_start": 3}})
+    with pytest.raises(BoosterInputError, match="data.attack_pool_end: only used with data.attack_order"):
+        config_from_dict({"data": {"attack_pool_end": 3}})
+
+
+def test_benign_rows_can_be_filtered_by_the_judge(tmp_path):
+    from booster_jax.data.template import Example
+    from booster_jax.train.stages import judge_filtered
+
+    paths, _ = eval_files(tmp_path)
+    cfg = eval_config(paths, align__benign_mix=1.0, align__benign_filter=True)
+    rows = [Example("bake", "", "flour and water"), Example("x", "", "add poison"), Example("y", "", "i cannot help")]
+    assert judge_filtered(cfg, rows) == [rows[0], rows[2]]
+
+
+def test_drop_last_own_overrefusal_prompts_and_heldout_harmful_loss(tmp_path, monkeypatch):
+    import math
+
+    from booster_jax.eval.evaluate import benign_prompts
+    from booster_jax.train.stages import stream
+
+    tok = lowercasing_tokenizer(["a"])
+    items = [(np.ones(3, np.int32), np.ones(3, np.float32)) for _ in range(25)]
+    assert stream(items, 10, 0, config_from_dict({}), tok).steps_per_epoch == 3  # official: keep the last batch
+    assert stream(items, 10, 0, config_from_dict({"data": {"drop_last": True}}), tok).steps_per_epoch == 2
+
+    paths, _ = eval_files(tmp_path)
+    own = tmp_path / "benign.json"
+    own.write_text(json.dumps([{"instruction": "bake bread", "output": "ok"}, {"prompt": "sing a song"}]))
+    cfg = eval_config(paths, data__eval_benign_file=str(own))
+    assert [e.instruction for e in benign_prompts(cfg)] == ["bake bread", "sing a song"]
+    s = run_eval(tmp_path, monkeypatch, "positive", out="loss")
+    assert math.isfinite(s["harmful_loss"]) and s["harmful_loss"] > 0  # held-out harmful pairs' LM loss
+
+
+def test_judge_file_layouts_and_an_empty_judge_path(tmp_path):
+    from booster_jax.data.synthetic.judge import SyntheticJudge
+
+    flat = tmp_path / "flat.json"
+    flat.write_text(json.dumps({"restricted_content_words": ["poison"], "refusal_markers": ["i cannot"]}))
+    j = SyntheticJudge.from_file(flat)
+    assert [v.flagged for v in j.judge(["a", "b"], ["add poison", "i cannot add poison"])] == [True, False]
+    with pytest.raises(BoosterInputError, match="eval.judge_path is empty: pass a judge vocabulary JSON file"):
+        SyntheticJudge.from_file("")
+
+
+def test_warm_start_optimizer_is_kept_or_reset(world, tmp_path, monkeypatch):
+    import jax
+
+    from booster_jax.config import load_config
+    from booster_jax.data.synthetic.embedded import resolve
+    from booster_jax.train import stages
+
+    seen = {}
+    real = stages.run_stage
+
+    def spy(**kw):
+        counts = [int(x) for x in jax.tree.leaves(kw["state"].opt_state) if jnp.issubdtype(x.dtype, jnp.integer)]
+        seen.setdefault(kw["name"], []).append(max(counts))
+        return real(**kw)
+
+    monkeypatch.setattr(stages, "run_stage", spy)
+    for mode in ("reset", "keep"):
+        cfg = resolve(load_config(SMOKE, [f"world.dir={world}", f"run.output_dir={tmp_path}/{mode}",
+                                          "align.method=booster", "align.max_steps=3", "align.warmup_sft_steps=2",
+                                          f"align.warmup_optimizer={mode}"]), progress=False)
+        base = stages.load_base(cfg)
+        stages.run_align(cfg, base, str(tmp_path / mode / "align"), progress=False)
+    # the method's first step starts from a fresh AdamW (count 0) or from the warm start's (count 2)
+    assert seen["align:booster"] == [0, 2] and seen["align:sft"] == [0, 0]

@@ -492,6 +492,29 @@ def read_instructions(
     return _collect(records, convert, src, n, skip_bad_rows, allow_fewer)
 
 
+def read_prompts(
+    path: str,
+    n: Optional[int] = None,
+    *,
+    split: Optional[str] = None,
+    skip_bad_rows: bool = False,
+    allow_fewer: bool = False,
+) -> Loaded[Example]:
+    """Prompts only (e.g. over-refusal prompts): rows with a string 'instruction' (+ optional 'input') or
+    'prompt'; any other field is ignored."""
+    src = _src(path, split)
+    records = read_records(path, split=split)
+
+    def convert(row, idx):
+        key = "instruction" if isinstance(row, dict) and "instruction" in row else "prompt"
+        return Example(
+            instruction=_get(row, idx, key, "a string (or give 'instruction')", _is_str, src),
+            input=_get(row, idx, "input", "a string", _is_str, src, default="") if key == "instruction" else "",
+        )
+
+    return _collect(records, convert, src, n, skip_bad_rows, allow_fewer, what="prompts")
+
+
 READERS = {
     "instructions": read_instructions,
     "sst2": read_sst2,

@@ -57,19 +57,63 @@ def check_disjoint(a: range, b: range, what_a: str, what_b: str) -> None:
         )
 
 
+def check_disjoint_rows(a: Sequence[int], b: Sequence[int], what_a: str, what_b: str) -> None:
+    """Raise when two row selections (ranges or lists) share a row."""
+    if isinstance(a, range) and isinstance(b, range):
+        return check_disjoint(a, b, what_a, what_b)
+    shared = sorted(set(a) & set(b))
+    if shared:
+        raise BoosterInputError(
+            f"{what_a} rows and {what_b} rows share {len(shared)} rows (first {shared[:5]}); they must be disjoint"
+        )
+
+
 def alignment_sets(
-    refusal_rows: Sequence[RefusalRow], start: int = ALIGN_START, end: int = ALIGN_END
+    refusal_rows: Sequence[RefusalRow], start: int = ALIGN_START, end: int = ALIGN_END,
+    harmful_range: range | None = None,
 ) -> Tuple[List[Example], List[Example]]:
-    """(alignment, harmful) examples of rows start..end-1: refusal pairs and prompt/response pairs."""
+    """(alignment, harmful) examples: refusal pairs of rows start..end-1, and prompt/response pairs of
+    ``harmful_range`` (None = the same rows, as the official code)."""
     if start < 0 or end <= start:
         raise BoosterInputError(f"alignment rows: need 0 <= start < end, got start={start}, end={end}")
-    if len(refusal_rows) < end:
+    harm = range(start, end) if harmful_range is None else harmful_range
+    for what, r in (("alignment", range(start, end)), ("Booster harmful-set", harm)):
+        if len(refusal_rows) < r.stop:
+            raise BoosterInputError(
+                f"{what} rows {r.start}..{r.stop - 1} need at least {r.stop} refusal rows, "
+                f"the refusal file has {len(refusal_rows)}"
+            )
+    return ([refusal_rows[i].alignment_example() for i in range(start, end)],
+            [refusal_rows[i].harmful_example() for i in harm])
+
+
+def attack_harmful_rows(
+    n: int, p: float, n_rows: int, *, start: int = 1, order: str = "in_order", pool_end: int = 0,
+    exclude: Sequence[int] = (), seed: int = 0,
+) -> List[int]:
+    """The attack's harmful rows: int(p*n) - 1 of them (the official count).
+
+    ``in_order`` (official, start 1): rows start, start+1, ...; ``sampled``: drawn with ``seed`` from rows
+    start..pool_end-1 (0 = the file's end) less ``exclude`` (the rows alignment and Booster use), nested
+    across ratios (a larger p adds rows to a smaller p's)."""
+    k = max(0, int(p * n) - 1)
+    if order == "in_order":
+        return list(range(start, start + k))
+    pool = [i for i in range(start, pool_end or n_rows) if i not in set(exclude)]
+    if len(pool) < k:
         raise BoosterInputError(
-            f"alignment rows {start}..{end - 1} need at least {end} refusal rows, "
-            f"the refusal file has {len(refusal_rows)}"
+            f"the attack needs {k} harmful rows (int(p*n) - 1, n={n}, p={p}); the pool rows {start}.."
+            f"{(pool_end or n_rows) - 1} less the alignment / Booster rows hold only {len(pool)}"
         )
-    rows = [refusal_rows[i] for i in range(start, end)]
-    return [r.alignment_example() for r in rows], [r.harmful_example() for r in rows]
+    return [pool[i] for i in np.random.default_rng(seed).permutation(len(pool))[:k]]
+
+
+def task_indices(n_task: int, nb: int, order: str = "first", seed: int = 0) -> List[int]:
+    """Which task examples are the attack's benign part: the first ``nb`` (official) or ``nb`` drawn with
+    ``seed`` (nested across ratios)."""
+    if order == "first":
+        return list(range(nb))
+    return [int(i) for i in np.random.default_rng(seed + 1).permutation(n_task)[:nb]]
 
 
 @dataclass(frozen=True)
@@ -78,7 +122,7 @@ class FinetuneMixture:
 
     examples: List[Example]
     is_harmful: List[bool]
-    harmful_rows: range  # refusal-file rows the harmful part came from
+    harmful_rows: Sequence[int]  # refusal-file rows the harmful part came from
 
     @property
     def n_harmful(self) -> int:
@@ -100,23 +144,26 @@ def finetune_mixture(
     seed: int,
     *,
     alignment_range: range | None = alignment_rows(),
+    harmful_rows: Sequence[int] | None = None,
+    benign_indices: Sequence[int] | None = None,
 ) -> FinetuneMixture:
     """Harmful pairs of rows 0 < i < int(p*n) plus the first int((1-p)*n) task examples, shuffled.
 
     Note the official off-by-one: p*n - 1 harmful examples (e.g. 99 for n=1000, p=0.1),
     so the set has n - 1 examples. ``alignment_range`` (None to skip) is checked to be
-    disjoint from the harmful rows.
+    disjoint from the harmful rows. ``harmful_rows`` / ``benign_indices`` replace the official
+    selections (see :func:`attack_harmful_rows`, :func:`task_indices`).
     """
     if not 0.0 <= p <= 1.0:
         raise BoosterInputError(f"harmful ratio p must be in [0, 1], got {p}")
     if n <= 0:
         raise BoosterInputError(f"fine-tuning sample number n must be > 0, got {n}")
-    harm = finetune_harmful_rows(n, p)
+    harm = finetune_harmful_rows(n, p) if harmful_rows is None else harmful_rows
     if alignment_range is not None:
-        check_disjoint(harm, alignment_range, "fine-tuning harmful", "alignment")
-    if len(harm) and len(refusal_rows) < harm.stop:
+        check_disjoint_rows(harm, alignment_range, "fine-tuning harmful", "alignment")
+    if len(harm) and len(refusal_rows) <= max(harm):
         raise BoosterInputError(
-            f"fine-tuning harmful rows 1..{harm.stop - 1} need at least {harm.stop} refusal rows, "
+            f"fine-tuning harmful rows {min(harm)}..{max(harm)} need at least {max(harm) + 1} refusal rows, "
             f"the refusal file has {len(refusal_rows)}"
         )
     nb = n_benign(n, p)
@@ -125,7 +172,8 @@ def finetune_mixture(
             f"fine-tuning needs {nb} benign task examples (int((1-p)*n), n={n}, p={p}), "
             f"the task data has {len(task_examples)}"
         )
-    examples = [refusal_rows[i].harmful_example() for i in harm] + list(task_examples[:nb])
+    benign = list(task_examples[:nb]) if benign_indices is None else [task_examples[i] for i in benign_indices]
+    examples = [refusal_rows[i].harmful_example() for i in harm] + benign
     flags = [True] * len(harm) + [False] * nb
     order = np.random.default_rng(seed).permutation(len(examples))
     return FinetuneMixture(

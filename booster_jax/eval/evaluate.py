@@ -60,8 +60,22 @@ def benign_prompts(cfg: Config) -> list[Example]:
     """The safe prompts of the evaluation file (BeaverTails interleaves them): over-refusal is measured on them."""
     if not cfg.data.n_eval_benign:
         return []
+    if cfg.data.eval_benign_file:  # the user's own over-refusal prompts
+        return list(formats.read_prompts(cfg.data.eval_benign_file, n=cfg.data.n_eval_benign, allow_fewer=True,
+                                         skip_bad_rows=cfg.data.skip_bad_rows))
     rows = formats.read_beavertails(cfg.data.eval_harmful_file, skip_bad_rows=cfg.data.skip_bad_rows)
-    return [Example(instruction=r.prompt) for r in rows if r.is_safe][:cfg.data.n_eval_benign]
+    safe = [Example(instruction=r.prompt) for r in rows if r.is_safe][:cfg.data.n_eval_benign]
+    if not safe:
+        log.warning("%s has no safe rows: no over-refusal rate (give data.eval_benign_file, or "
+                    "data.n_eval_benign=0)", cfg.data.eval_harmful_file)
+    return safe
+
+
+def heldout_harmful(cfg: Config) -> list[Example]:
+    """(harmful prompt -> harmful response) pairs of the evaluation prompts: their LM loss is the held-out
+    harmful loss Booster's claim is about (it should stay high after alignment)."""
+    rows = formats.read_beavertails(cfg.data.eval_harmful_file, skip_bad_rows=cfg.data.skip_bad_rows)
+    return [Example(instruction=r.prompt, output=r.response) for r in rows if not r.is_safe][:cfg.data.n_eval_harmful]
 
 
 def eval_sets(cfg: Config) -> tuple[list[Example], list[Example]]:
@@ -93,7 +107,8 @@ def heldout_loss(forward, frozen, lora, tokenizer, examples: list[Example], cfg:
 
 
 EVAL_SECTIONS = ("eval", "data.eval_harmful_file", "data.n_eval_harmful", "data.task", "data.task_eval_file",
-                 "data.n_eval_task", "data.n_eval_benign", "data.max_length", "data.bucket_lengths")
+                 "data.n_eval_task", "data.n_eval_benign", "data.eval_benign_file", "data.max_length",
+                 "data.bucket_lengths", "data.skip_bad_rows")
 
 
 def eval_inputs(cfg: Config, model_fp: str) -> dict[str, str]:
@@ -104,7 +119,8 @@ def eval_inputs(cfg: Config, model_fp: str) -> dict[str, str]:
     return {"model": model_fp, **config_parts(cfg, EVAL_SECTIONS),
             "data.eval_harmful_file (content)": fingerprint_mod.data_digest(cfg.data.eval_harmful_file),
             "task eval file (content)": fingerprint_mod.data_digest(cfg.data.task_eval_file or cfg.data.task_file),
-            "eval.judge_path (content)": fingerprint_mod.data_digest(cfg.eval.judge_path)}
+            "eval.judge_path (content)": fingerprint_mod.data_digest(cfg.eval.judge_path),
+            "data.eval_benign_file (content)": fingerprint_mod.data_digest(cfg.data.eval_benign_file)}
 
 
 def evaluate(cfg: Config, base, forward, frozen, lora, out_dir: str, name: str, judge=None,
@@ -171,6 +187,7 @@ def evaluate(cfg: Config, base, forward, frozen, lora, out_dir: str, name: str, 
         "refused_task": _rate(refused, task_out),
         "refused_benign": _rate(refused, benign_out),
         "task_loss": heldout_loss(forward, frozen, lora, tok, task, cfg),
+        "harmful_loss": heldout_loss(forward, frozen, lora, tok, heldout_harmful(cfg), cfg),
         "no_answer_task": no_answer_rate(cfg.data.task, task_out) if correct else float("nan"),
         "warnings": answer_warnings(cfg.data.task, task_out, name) if correct else [],
         "fingerprint": fp,

@@ -81,7 +81,7 @@ def forward_for(cfg: Config, base: Base) -> Forward:
 
 def stream(items, batch_size: int, seed: int, cfg: Config, tokenizer, infinite: bool = False) -> BatchStream:
     return BatchStream(items, batch_size, seed=seed, pad_id=tokenizer.pad_token_id,
-                       buckets=cfg.data.bucket_lengths, infinite=infinite)
+                       buckets=cfg.data.bucket_lengths, infinite=infinite, drop_last=cfg.data.drop_last)
 
 
 def total_steps(stage_cfg, steps_per_epoch: int) -> int:
@@ -104,17 +104,35 @@ def refusal_rows(cfg: Config):
     return rows
 
 
+def booster_harmful_rows(cfg: Config) -> range | None:
+    """Rows of Booster's harmful set h when configured apart from the alignment rows (None = the same rows)."""
+    return range(cfg.data.harmful_start, cfg.data.harmful_end) if cfg.data.harmful_start >= 0 else None
+
+
 def alignment_examples(cfg: Config, tokenizer):
     rows = refusal_rows(cfg)
-    align, harmful = mixture.alignment_sets(rows, cfg.data.align_start, cfg.data.align_end)
+    align, harmful = mixture.alignment_sets(rows, cfg.data.align_start, cfg.data.align_end, booster_harmful_rows(cfg))
     if cfg.align.benign_mix > 0:
         if not cfg.data.benign_file:
             raise BoosterInputError("align.benign_mix > 0 needs data.benign_file (an instruction file)")
-        benign = formats.read_instructions(cfg.data.benign_file, skip_bad_rows=cfg.data.skip_bad_rows)
-        align = mixture.benign_mix(align, list(benign), cfg.align.benign_mix, cfg.data.seed)
+        benign = list(formats.read_instructions(cfg.data.benign_file, skip_bad_rows=cfg.data.skip_bad_rows))
+        if cfg.align.benign_filter:
+            benign = judge_filtered(cfg, benign)
+        align = mixture.benign_mix(align, benign, cfg.align.benign_mix, cfg.data.seed)
     tok_align = check_targets(tokenize_examples(tokenizer, align, cfg.data.max_length), "alignment", cfg)
     tok_harm = check_targets(tokenize_examples(tokenizer, harmful, cfg.data.max_length), "harmful", cfg)
     return tok_align, tok_harm
+
+
+def judge_filtered(cfg: Config, examples: list) -> list:
+    """The benign examples whose response the run's judge does not flag as harmful (``align.benign_filter``)."""
+    from booster_jax.eval.evaluate import make_judge
+
+    verdicts = make_judge(cfg).judge([ex.instruction for ex in examples], [ex.output for ex in examples])
+    kept = [ex for ex, v in zip(examples, verdicts) if not v.flagged]
+    log.info("align.benign_filter: the %s judge flagged %d of %d benign rows of %s; they are left out",
+             cfg.eval.judge, len(examples) - len(kept), len(examples), cfg.data.benign_file)
+    return kept
 
 
 def check_targets(tok, what: str, cfg: Config):
@@ -130,16 +148,20 @@ def check_targets(tok, what: str, cfg: Config):
     return tok
 
 
-ALIGN_SECTIONS = ("lora", "data.alignment_file", "data.align_start", "data.align_end", "data.max_length",
-                  "data.bucket_lengths", "data.benign_file", "data.seed", "align", "run.seed", "model.dtype",
-                  "model.param_dtype", "model.add_pad_token")
+ALIGN_SECTIONS = ("lora", "data.alignment_file", "data.align_start", "data.align_end", "data.harmful_start",
+                  "data.harmful_end", "data.max_length", "data.bucket_lengths", "data.drop_last", "data.skip_bad_rows",
+                  "data.benign_file", "data.seed", "align", "run.seed", "model.dtype", "model.param_dtype",
+                  "model.add_pad_token")
 
 
 def align_inputs(cfg: Config, base: Base) -> dict[str, str]:
     """What the alignment depends on, by name: the base model, each config setting, each data file's content."""
     return {"base model": base.fingerprint, **config_parts(cfg, ALIGN_SECTIONS),
             "data.alignment_file (content)": fingerprint.data_digest(cfg.data.alignment_file),
-            "data.benign_file (content)": fingerprint.data_digest(cfg.data.benign_file)}
+            "data.benign_file (content)": fingerprint.data_digest(cfg.data.benign_file),
+            **({"benign filter judge": cfg.eval.judge,
+                "eval.judge_path (content)": fingerprint.data_digest(cfg.eval.judge_path)}
+               if cfg.align.benign_filter else {})}
 
 
 def align_fingerprint(cfg: Config, base: Base) -> str:
@@ -174,28 +196,33 @@ def run_align(cfg: Config, base: Base, stage_dir: str, progress: bool = True, ca
                                  base.tokenizer, infinite=True)}
     steps = total_steps(cfg.align, streams["align"].steps_per_epoch)
     warm = min(cfg.align.warmup_sft_steps, steps) if cfg.align.method != "sft" else 0
-    trainable = lora0
+    trainable, opt_state = lora0, None
     if warm:
         # Deviation (documented): a short SFT warm start, its own stage so it resumes and is reused.
         warm_cfg = dataclasses.replace(cfg, align=dataclasses.replace(cfg.align, method="sft", max_steps=warm,
                                                                       warmup_sft_steps=0))
         wfp = warmup_fingerprint(cfg, base, warm)
         warm_dir = os.path.join(cache_dir, "warmup", wfp) if cache_dir else os.path.join(stage_dir, "warmup")
-        trainable = train(warm_cfg, "align", "sft", cfg.align.optim, forward, base.params, trainable,
-                          {"align": streams["align"]}, warm, warm_dir, wfp, _meta(cfg, base, "align-warmup"),
-                          progress, rng_seed=cfg.run.seed)
+        warm_state = train(warm_cfg, "align", "sft", cfg.align.optim, forward, base.params, trainable,
+                           {"align": streams["align"]}, warm, warm_dir, wfp, _meta(cfg, base, "align-warmup"),
+                           progress, rng_seed=cfg.run.seed, return_state=True)
+        trainable = warm_state.trainable
+        if cfg.align.warmup_optimizer == "keep":  # AdamW moments and step count carry over to the method
+            opt_state = warm_state.opt_state
     return train(cfg, "align", cfg.align.method, cfg.align.optim, forward, base.params, trainable,
                  streams, steps - warm, stage_dir, fp, _meta(cfg, base, "align"), progress,
-                 rng_seed=cfg.run.seed + 7)
+                 rng_seed=cfg.run.seed + 7, opt_state=opt_state)
 
 
 def train(cfg: Config, stage: str, method: str, optim_cfg, forward: Forward, frozen, trainable, streams,
           steps: int, stage_dir: str, fingerprint: str, meta: dict, progress: bool, rng_seed: int,
-          hooks=()) -> Any:
+          hooks=(), opt_state=None, return_state: bool = False) -> Any:
     """One training stage: reuse a finished one, else (re)start from its last checkpoint; returns the weights.
 
     A stage directory left by another configuration is cleared (with a warning) rather than resumed.
-    ``hooks``: (every, fn(state) -> metrics) pairs whose results go to ``track.jsonl``.
+    ``hooks``: (every, fn(state) -> metrics) pairs whose results go to ``track.jsonl``. ``opt_state``: start from
+    another stage's optimizer state (the warm start's, with ``align.warmup_optimizer: keep``); ``return_state``:
+    return the whole ``TrainState``, not only the weights.
     """
     spec = get_method(method, stage)
     store = StageStore(stage_dir, cfg.run.keep_last, cfg.run.checkpoint_every, fingerprint=fingerprint)
@@ -203,6 +230,8 @@ def train(cfg: Config, stage: str, method: str, optim_cfg, forward: Forward, fro
     section = getattr(getattr(cfg, stage), spec.config_section) if spec.config_section else None
     extra = spec.init_extra(trainable, frozen, section) if spec.init_extra else ()
     state = init_state(trainable, optimizer, extra)
+    if opt_state is not None:  # continue another stage's optimizer (align.warmup_optimizer: keep)
+        state = state._replace(opt_state=opt_state)
     # --- scale-out (booster_jax.parallel): frozen weights and state on the mesh (restores land there too)
     mesh = parallel.mesh_for(cfg)
     frozen, state = parallel.place(frozen, mesh), parallel.place(state, mesh)
@@ -215,7 +244,7 @@ def train(cfg: Config, stage: str, method: str, optim_cfg, forward: Forward, fro
         for k, pos in final_meta.get("streams", {}).items():
             if k in streams:
                 streams[k].restore(pos)
-        return state.trainable
+        return state if return_state else state.trainable
     log.info("%s:%s: starting, %d steps -> %s", stage, method, steps, stage_dir)
     _claim(store, fingerprint)
     step_fn = spec.make_step(StepContext(forward, optimizer, section, total_steps=steps))
@@ -233,7 +262,7 @@ def train(cfg: Config, stage: str, method: str, optim_cfg, forward: Forward, fro
              stage, method, steps, losses or "no loss logged", padding)
     store.save_final(state, {**meta, "summary": {**summary, "padding_fraction": padding},
                              "streams": {k: streams[k].state() for k in spec.streams}}, fingerprint)
-    return state.trainable
+    return state if return_state else state.trainable
 
 
 def _claim(store: StageStore, fingerprint: str) -> None:
@@ -282,8 +311,18 @@ def continues_alignment_lora(cfg: Config) -> bool:
 def finetune_examples(cfg: Config, tokenizer):
     rows = refusal_rows(cfg)
     task = task_train_examples(cfg)
-    mix = mixture.finetune_mixture(rows, list(task), cfg.data.n_finetune, cfg.data.harmful_ratio, cfg.data.seed,
-                                   alignment_range=range(cfg.data.align_start, cfg.data.align_end))
+    d = cfg.data
+    align_rows = range(d.align_start, d.align_end)
+    booster_rows = booster_harmful_rows(cfg)
+    harm = mixture.attack_harmful_rows(d.n_finetune, d.harmful_ratio, len(rows), start=d.attack_start,
+                                       order=d.attack_order, pool_end=d.attack_pool_end,
+                                       exclude=list(align_rows) + list(booster_rows or ()), seed=d.seed)
+    if booster_rows is not None:
+        mixture.check_disjoint_rows(harm, booster_rows, "fine-tuning harmful", "Booster harmful-set")
+    nb = mixture.n_benign(d.n_finetune, d.harmful_ratio)
+    benign = mixture.task_indices(len(task), nb, d.task_order, d.seed) if len(task) >= nb else None
+    mix = mixture.finetune_mixture(rows, list(task), d.n_finetune, d.harmful_ratio, d.seed,
+                                   alignment_range=align_rows, harmful_rows=harm, benign_indices=benign)
     return mix, check_targets(tokenize_examples(tokenizer, mix.examples, cfg.data.max_length), "fine-tuning", cfg)
 
 
@@ -302,7 +341,8 @@ def finetune_weights(cfg: Config, base: Base, align_lora) -> tuple[Any, Any]:
 
 
 FINETUNE_SECTIONS = ("finetune", "data.task", "data.task_file", "data.n_finetune", "data.harmful_ratio",
-                     "data.seed", "run.seed")
+                     "data.seed", "run.seed", "data.drop_last", "data.skip_bad_rows", "data.attack_start", "data.attack_order",
+                     "data.attack_pool_end", "data.task_order")
 
 
 def finetune_inputs(cfg: Config, align_fp: str) -> dict[str, str]:

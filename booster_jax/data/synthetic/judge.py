@@ -50,7 +50,18 @@ class SyntheticJudge:
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> "SyntheticJudge":
-        """Read ``judge_vocab.json`` (or a world directory holding one)."""
+        """Read a judge vocabulary file (or a world directory holding ``judge_vocab.json``).
+
+        Two layouts: ``{"topics": {topic: [word, ...]}, "refusal_markers": [phrase, ...]}`` (what
+        ``build_world`` writes), or flat ``{"restricted_content_words": [word, ...], "refusal_markers": [...]}``
+        (one topic). Words are single [a-z0-9] words; markers are phrases matched word by word.
+        """
+        if not str(path).strip():
+            raise BoosterInputError(
+                "eval.judge_path is empty: pass a judge vocabulary JSON file, "
+                '{"restricted_content_words": ["word", ...], "refusal_markers": ["i cannot", ...]} '
+                '(or {"topics": {"name": [...]}, "refusal_markers": [...]}), or a world directory holding '
+                "judge_vocab.json")
         p = Path(path)
         if p.is_dir():
             p = p / FILES["judge_vocab"]
@@ -61,7 +72,12 @@ class SyntheticJudge:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise BoosterInputError(f"{p}: judge vocabulary is not valid JSON ({e})") from None
         if not isinstance(data, dict):
-            raise BoosterInputError(f"{p}: expected a JSON object with fields 'topics' and 'refusal_markers'")
+            raise BoosterInputError(f"{p}: expected a JSON object with fields 'topics' (or "
+                                    "'restricted_content_words') and 'refusal_markers'")
+        if "restricted_content_words" in data:
+            if "topics" in data:
+                raise BoosterInputError(f"{p}: give either 'topics' or 'restricted_content_words', not both")
+            data = {**data, "topics": {"restricted": data["restricted_content_words"]}}
         topics = data.get("topics")
         if not isinstance(topics, dict) or not topics:
             raise BoosterInputError(f"{p}: field 'topics' missing or not a non-empty object (topic -> list of words)")
