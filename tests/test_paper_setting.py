@@ -74,3 +74,59 @@ def test_plan_on_8_devices_counts_the_sharded_judge_and_checks_its_estimate(mode
     assert abs(r["plan_judge"] - r["real_judge"]) <= 0.05 * r["real_judge"], r  # the score head is not planned
     for check in r["checks"]:
         assert check is not None and 0.85 <= check["ratio"] <= 1.15, check
+
+
+# ------------------------------------------------------------------ the official data files
+
+def test_official_build_dataset_outputs_are_read(tmp_path):
+    """data/sst2.json as sst2/build_dataset.py writes it (label words, not ids), and the AGNews and GSM8K
+    equivalents, give the same examples as the raw hub rows."""
+    import json
+
+    from booster_jax.data import formats
+
+    raw = [{"sentence": "a gem .", "label": 1}, {"sentence": "dull", "label": 0}]
+    built = [{"instruction": formats.SST2_INSTRUCTION, "input": r["sentence"],
+              "output": formats.SST2_LABELS[r["label"]]} for r in raw]
+    (tmp_path / "raw.json").write_text(json.dumps(raw))
+    (tmp_path / "sst2.json").write_text(json.dumps(built, indent=4))
+    assert list(formats.read_sst2(str(tmp_path / "sst2.json"))) == list(formats.read_sst2(str(tmp_path / "raw.json")))
+    ag = [{"instruction": formats.AGNEWS_INSTRUCTION, "input": "Stocks fell.", "output": "Business"}]
+    (tmp_path / "agnews.json").write_text(json.dumps(ag))
+    assert formats.read_agnews(str(tmp_path / "agnews.json"))[0].output == "Business"
+    gsm = [{"instruction": "2+2?", "output": "2+2=4\nThe final answer is:  4"}]
+    (tmp_path / "gsm8k.json").write_text(json.dumps(gsm))
+    assert formats.read_gsm8k(str(tmp_path / "gsm8k.json"))[0] == formats.Example("2+2?", "", gsm[0]["output"])
+    bad = [{"instruction": formats.SST2_INSTRUCTION, "input": "x", "output": "1"}]
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    with pytest.raises(BoosterInputError, match=r"row 0: field 'output' must be one of \['negative', 'positive'\]"):
+        formats.read_sst2(str(tmp_path / "bad.json"))
+
+
+def test_gzipped_jsonl_and_save_to_disk_folders(tmp_path):
+    """BeaverTails' hub form (30k_test.jsonl.gz) and a datasets save_to_disk folder read like a .jsonl."""
+    import gzip
+    import json
+
+    import datasets
+
+    from booster_jax.data import formats
+
+    rows = [{"prompt": f"p{i}", "response": f"r{i}", "is_safe": i % 2 == 0, "category": {}} for i in range(4)]
+    text = "\n".join(json.dumps(r) for r in rows)
+    (tmp_path / "test.jsonl").write_text(text)
+    (tmp_path / "test.jsonl.gz").write_bytes(gzip.compress(text.encode()))
+    plain = formats.read_beavertails(str(tmp_path / "test.jsonl"))
+    assert list(formats.read_beavertails(str(tmp_path / "test.jsonl.gz"))) == list(plain)
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
+    assert list(formats.read_beavertails(str(tmp_path / "saved"))) == list(plain)
+    datasets.DatasetDict({"30k_test": datasets.Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "dict"))
+    assert list(formats.read_beavertails(str(tmp_path / "dict"), split="30k_test")) == list(plain)
+    with pytest.raises(BoosterInputError, match=r"splits \['30k_test'\]"):
+        formats.read_beavertails(str(tmp_path / "dict"))
+    (tmp_path / "junk.jsonl.gz").write_bytes(b"not gzip")
+    with pytest.raises(BoosterInputError, match="not a readable gzip file"):
+        formats.read_beavertails(str(tmp_path / "junk.jsonl.gz"))
+    (tmp_path / "empty_dir").mkdir()
+    with pytest.raises(BoosterInputError, match="not a datasets save_to_disk folder"):
+        formats.read_beavertails(str(tmp_path / "empty_dir"))

@@ -47,7 +47,7 @@ GSM8K_ANSWER_PROMPT = "The final answer is: "
 REFUSAL_SPLIT = "\nAnswer: "
 REFUSAL_QUESTION_PREFIX = "Question: "
 
-_LOCAL_EXTS = (".json", ".jsonl", ".parquet", ".csv", ".arrow")
+_LOCAL_EXTS = (".json", ".jsonl", ".parquet", ".csv", ".arrow", ".json.gz", ".jsonl.gz")
 _DATASETS_FORMAT = {".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
 
 
@@ -134,7 +134,7 @@ def read_records(path: str, *, split: Optional[str] = None, config: Optional[str
     if not os.path.exists(path):
         raise BoosterInputError(f"{path}: data file not found")
     if os.path.isdir(path):
-        raise BoosterInputError(f"{path}: is a directory, expected a data file ({', '.join(_LOCAL_EXTS)})")
+        return _read_saved_dataset(path, split)
     if os.path.getsize(path) == 0:
         raise BoosterInputError(f"{path}: data file is empty")
     if not os.access(path, os.R_OK):
@@ -155,6 +155,15 @@ def _read_json(path: str, split: Optional[str]) -> List[Any]:
             raw = f.read()
     except OSError as e:
         raise BoosterInputError(f"{path}: cannot read data file ({e.strerror or e})") from None
+    if path.lower().endswith(".gz"):  # BeaverTails' hub files are gzipped JSON lines (30k_test.jsonl.gz)
+        import gzip
+        import zlib
+
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as e:
+            raise BoosterInputError(f"{path}: not a readable gzip file ({e})") from None
+        path = path[:-3]  # the inner name decides JSON vs JSON lines
     if raw.startswith(b"PAR1"):
         raise BoosterInputError(f"{path}: this is a Parquet file, not JSON; name it with a .parquet extension")
     try:
@@ -192,6 +201,29 @@ def _read_json(path: str, split: Optional[str]) -> List[Any]:
             raise BoosterInputError(
                 f"{path}: not valid JSON (neither a JSON list nor JSON lines): line {lineno}: {e.msg}"
             ) from None
+    return rows
+
+
+def _read_saved_dataset(path: str, split: Optional[str]) -> List[Any]:
+    """A ``datasets`` ``save_to_disk`` folder: a Dataset, or a DatasetDict whose ``split`` is taken."""
+    if not any(os.path.exists(os.path.join(path, f)) for f in ("dataset_info.json", "dataset_dict.json")):
+        raise BoosterInputError(f"{path}: is a directory but not a datasets save_to_disk folder (no "
+                                f"dataset_info.json or dataset_dict.json); expected a data file "
+                                f"({', '.join(_LOCAL_EXTS)}) or such a folder")
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(path)
+    except Exception as e:  # noqa: BLE001 - keep the cause in the message
+        raise BoosterInputError(f"{path}: cannot load the saved dataset: {type(e).__name__}: {e}") from e
+    if isinstance(ds, datasets.DatasetDict):
+        if split is None or split not in ds:
+            raise BoosterInputError(f"{path}: a saved DatasetDict with splits {sorted(ds)}; set the file's "
+                                    f"split option (got {split!r})")
+        ds = ds[split]
+    rows = ds.to_list()
+    if not rows:
+        raise BoosterInputError(f"{path}: the saved dataset is empty")
     return rows
 
 
@@ -401,6 +433,19 @@ def read_beavertails_eval_prompts(
     return _collect(records, convert, src, n, skip_bad_rows, allow_fewer, what="unsafe prompts")
 
 
+def _prebuilt(row: Any, idx: int, src: str, labels: Optional[Sequence[str]] = None) -> Optional[Example]:
+    """A row the official ``build_dataset.py`` scripts wrote ({instruction, input, output}, the label
+    already a word): taken as it is. None when the row is in the raw hub layout instead."""
+    if not (isinstance(row, dict) and "output" in row and "instruction" in row):
+        return None
+    instruction = _get(row, idx, "instruction", "a string", _is_str, src)
+    inp = _get(row, idx, "input", "a string", _is_str, src, default="")
+    out = _get(row, idx, "output", "a string", _is_str, src)
+    if labels is not None and out not in labels:
+        raise _RowError(f"{src}: row {idx}: field 'output' must be one of {list(labels)}, got {_short(out)}")
+    return Example(instruction=instruction, input=inp, output=out)
+
+
 def read_sst2(
     path: str,
     n: Optional[int] = None,
@@ -409,7 +454,8 @@ def read_sst2(
     skip_bad_rows: bool = False,
     allow_fewer: bool = False,
 ) -> Loaded[Example]:
-    """SST2 rows {sentence, label 0/1} -> (official instruction, sentence) -> negative/positive.
+    """SST2 rows {sentence, label 0/1} -> (official instruction, sentence) -> negative/positive; or the rows
+    of the official ``sst2/build_dataset.py`` output ({instruction, input, output}) as they are.
 
     The official FA uses the whole validation split (872 rows; "first 1000" there means all).
     """
@@ -417,6 +463,9 @@ def read_sst2(
     records = read_records(path, split=split)
 
     def convert(row, idx):
+        built = _prebuilt(row, idx, src, SST2_LABELS)
+        if built is not None:
+            return built
         sentence = _get(row, idx, "sentence", "a string", _is_str, src)
         label = _get(row, idx, "label", "0 or 1", lambda v: _is_int(v) and v in (0, 1), src)
         return Example(instruction=SST2_INSTRUCTION, input=sentence, output=SST2_LABELS[int(label)])
@@ -437,6 +486,9 @@ def read_agnews(
     records = read_records(path, split=split)
 
     def convert(row, idx):
+        built = _prebuilt(row, idx, src, AGNEWS_LABELS)
+        if built is not None:
+            return built
         text = _get(row, idx, "text", "a string", _is_str, src)
         label = _get(row, idx, "label", "an integer 0..3", lambda v: _is_int(v) and 0 <= v <= 3, src)
         return Example(instruction=AGNEWS_INSTRUCTION, input=text, output=AGNEWS_LABELS[int(label)])
@@ -463,6 +515,9 @@ def read_gsm8k(
     records = read_records(path, split=split, config=config)
 
     def convert(row, idx):
+        built = _prebuilt(row, idx, src)  # the official script has already rewritten '####'
+        if built is not None:
+            return built
         q = _get(row, idx, "question", "a string", _is_str, src)
         a = _get(row, idx, "answer", "a string", _is_str, src)
         return Example(instruction=q, input="", output=gsm8k_target(a))
