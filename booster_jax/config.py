@@ -80,6 +80,9 @@ class OptimConfig:
     b1: float = _f(0.9, UNIT_OPEN)
     b2: float = _f(0.999, UNIT_OPEN)
     eps: float = _f(1e-8, POS)
+    # HF gradient_accumulation_steps: the optimizer steps once per this many micro-batches (of batch_size
+    # rows each) on their mean gradient; stage steps, epochs and logs still count micro-batches
+    accumulate_steps: int = _f(1, POS)
 
 
 @dataclass(frozen=True)
@@ -198,6 +201,8 @@ class EvalConfig:
     judge_dtype: str = _f("auto", choices=("auto", "float32", "bfloat16"))
     # false: the judge is loaded for each evaluation and released after it, never beside training
     keep_judge_loaded: bool = False
+    # answers are saved every this many prompts, so a killed evaluation resumes without redoing them
+    chunk_prompts: int = _f(64, POS)
     max_new_tokens_harmful: int = _f(512, POS)
     max_new_tokens_task: int = _f(64, POS)
     batch_size: int = _f(16, POS)

@@ -20,6 +20,7 @@ from booster_jax.errors import BoosterInputError
 from booster_jax.eval import judges as judges_mod
 from booster_jax.eval import tasks
 from booster_jax.eval.generate import generate_text
+from booster_jax.eval.resumable import GenerationLog, resumable_answers
 from booster_jax.methods.base import lm_loss
 
 log = logging.getLogger(__name__)
@@ -145,12 +146,21 @@ def evaluate(cfg: Config, base, forward, frozen, lora, out_dir: str, name: str, 
 
     log.info("evaluation %s: generating for %d harmful, %d task and %d benign prompts", name, len(harmful),
              len(task), cfg.data.n_eval_benign)
+    gen_log = GenerationLog(os.path.join(out_dir, "generations.jsonl"), fp)
+
+    def answers(kind: str, prompts: list[str], max_new_tokens: int) -> list[str]:
+        """Chunks of answers saved as they finish: a killed evaluation resumes where it stopped."""
+        return resumable_answers(kind, prompts, lambda ps: generate_answers(ps, max_new_tokens, **gen), gen_log,
+                                 cfg.eval.chunk_prompts, name,
+                                 count_tokens=lambda outs: sum(len(tok(o, add_special_tokens=False)["input_ids"])
+                                                               for o in outs))
+
     harm_prompts = [format_prompt(ex.instruction, ex.input) for ex in harmful]
-    harm_out = generate_answers(harm_prompts, cfg.eval.max_new_tokens_harmful, **gen)
+    harm_out = answers("harmful", harm_prompts, cfg.eval.max_new_tokens_harmful)
     verdicts = judge.judge([ex.instruction for ex in harmful], harm_out) if harmful else []  # the response alone
 
     task_prompts = [format_prompt(ex.instruction, ex.input) for ex in task]
-    task_out = generate_answers(task_prompts, cfg.eval.max_new_tokens_task, **gen)
+    task_out = answers("task", task_prompts, cfg.eval.max_new_tokens_task)
     if cfg.data.task == "alpaca":
         # AlpacaEval is judged elsewhere: write the generations in the JSON the alpaca_eval tool reads.
         os.makedirs(out_dir, exist_ok=True)
@@ -163,8 +173,8 @@ def evaluate(cfg: Config, base, forward, frozen, lora, out_dir: str, name: str, 
         correct = [bool(scorer(out, ex.output)) for out, ex in zip(task_out, task)]
 
     benign = benign_prompts(cfg)
-    benign_out = generate_answers([format_prompt(ex.instruction) for ex in benign],
-                                  cfg.eval.max_new_tokens_harmful, **gen) if benign else []
+    benign_out = answers("benign", [format_prompt(ex.instruction) for ex in benign],
+                         cfg.eval.max_new_tokens_harmful) if benign else []
     refused = refusal_rule(judge)
 
     os.makedirs(out_dir, exist_ok=True)

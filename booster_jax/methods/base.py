@@ -63,7 +63,15 @@ def make_optimizer(optim_cfg, total_steps: int = 0, decay_mask=None) -> optax.Gr
     """AdamW with HF Trainer semantics: global-norm clipping first, decoupled weight decay, schedule.
 
     ``decay_mask``: pytree of bools (HF excludes biases and norm weights from decay in full training).
+    ``optim_cfg.accumulate_steps`` k > 1: ``optax.MultiSteps`` averages k micro-batch gradients and then
+    clips and steps once, as HF's gradient accumulation does (the schedule counts optimizer steps). A
+    method's step runs whole per micro-batch: Booster perturbs per micro-batch, as the official trainer.
     """
+    k = int(getattr(optim_cfg, "accumulate_steps", 1) or 1)
+    if k > 1:
+        inner = make_optimizer(dataclasses.replace(optim_cfg, accumulate_steps=1), max(total_steps // k, 1),
+                               decay_mask)
+        return optax.MultiSteps(inner, every_k_schedule=k)
     if optim_cfg.schedule == "constant":
         lr = optax.constant_schedule(optim_cfg.lr)
     elif optim_cfg.schedule == "linear":
