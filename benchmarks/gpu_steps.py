@@ -5,6 +5,9 @@
     python benchmarks/gpu_steps.py --batches 10,40 --steps 20 --json $OUT/gpu_steps.json
     python benchmarks/gpu_steps.py --tiny              # a tiny model on CPU, in seconds (a smoke test)
 
+After the steps, one evaluation phase: greedy generation (``--eval-prompts`` x ``--eval-new-tokens``)
+and the BeaverDam-shaped judge scoring the pairs, with the device's peak memory.
+
 The model is randomly initialised on the device (no download); the steps are the registered ones
 (``get_method("sft", "finetune")``, ``get_method("booster", "align")``), jitted with the state
 donated as the training loop does. Each configuration is compiled and warmed up, then timed over
@@ -93,6 +96,58 @@ def batch(rows, length, vocab, seed):
             "loss_mask": jnp.asarray(loss)}
 
 
+def eval_phase(args, llama, params, lora, dev) -> list[dict]:
+    """One evaluation phase as the pipeline runs it: batched greedy generation with the aligned model,
+    then the BeaverDam-shaped judge (the same LLaMA shape with a 14-label head, built on demand in the
+    run's dtype) scoring the (prompt, response) pairs; both timed, with the device's peak memory."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from booster_jax.eval import beaver_dam as bd
+    from booster_jax.eval.generate import generate
+    from booster_jax.models.llama import LoraSpec, make_model
+
+    n, prompt_len = (4, 8) if args.tiny else (args.eval_prompts, 64)
+    new_tokens = 4 if args.tiny else args.eval_new_tokens
+    rs = np.random.RandomState(7)
+    prompts = [list(rs.randint(3, llama.vocab_size, prompt_len)) for _ in range(n)]
+    model = make_model(llama, LoraSpec(r=32, alpha=4.0, targets=("q_proj", "k_proj", "v_proj")), args.dtype,
+                       args.dtype)
+    out = []
+    for label in ("warm-up", "timed"):  # the first call compiles
+        t0 = time.perf_counter()
+        gen = generate(model, params, lora, prompts, max_new_tokens=new_tokens, eos_id=None, pad_id=0,
+                       batch_size=min(16, n))
+        secs = time.perf_counter() - t0
+    tokens = sum(len(g) for g in gen)
+    out.append({"step": "generate", "prompts": n, "new_tokens": new_tokens, "tokens_per_s": tokens / secs,
+                "seconds": secs})
+    judge = make_model(llama, dtype=args.dtype, param_dtype=args.dtype)  # the judge's backbone: no LoRA
+    kernel = jnp.asarray(0.02 * rs.standard_normal((llama.hidden_size, len(bd.BEAVERTAILS_CATEGORIES))), args.dtype)
+    rows = [p + g for p, g in zip(prompts, gen)]
+    length = max(map(len, rows))
+    ids = np.zeros((len(rows), length), np.int32)
+    mask = np.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)], mask[i, :len(r)] = r, 1
+    pooled = mask.sum(1).astype(np.int32) - 1
+    for label in ("warm-up", "timed"):
+        t0 = time.perf_counter()
+        probs = np.asarray(bd._scores(judge, params, kernel, ids, mask, pooled))
+        secs = time.perf_counter() - t0
+    try:
+        peak = (dev.memory_stats() or {}).get("peak_bytes_in_use", 0) / 1e9
+    except Exception:  # noqa: BLE001 - CPU reports nothing
+        peak = None
+    out.append({"step": "judge", "pairs": len(rows), "pairs_per_s": len(rows) / secs, "seconds": secs,
+                "peak_bytes_in_use_gb": peak, "finite": bool(np.isfinite(probs).all())})
+    print(f"evaluate: generate {n} prompts x {new_tokens} new tokens: {out[0]['tokens_per_s']:.0f} tok/s; "
+          f"judge {len(rows)} pairs: {out[1]['pairs_per_s']:.1f} pairs/s; device peak "
+          f"{peak if peak is not None else float('nan'):.2f} GB", flush=True)
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="tiny model, CPU-sized, a few steps")
@@ -103,6 +158,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     ap.add_argument("--peak-tflops", type=float, default=0.0, help="the chip's dense bf16 peak (0 = by device kind)")
     ap.add_argument("--json", default="", help="also write the results here")
+    ap.add_argument("--eval-prompts", type=int, default=64, help="prompts of the evaluation phase")
+    ap.add_argument("--eval-new-tokens", type=int, default=256, help="new tokens per prompt in the evaluation phase")
     args = ap.parse_args(argv)
     if args.tiny:
         args.batches, args.length, args.steps, args.repeats, args.dtype = "2", 16, 2, 1, "float32"
@@ -155,8 +212,9 @@ def main(argv=None) -> int:
                   f"{r['model_tflops_per_s']:8.2f} TFLOP/s  MFU {mfu}  (compile {compile_s:.1f} s, XLA temp "
                   f"{r['temp_gb'] if r['temp_gb'] is not None else float('nan'):.2f} GB)", flush=True)
             del state
-    by = {(r["step"], r["batch"]): r for r in results}
-    for rows in sorted({r["batch"] for r in results}):
+    results += eval_phase(args, llama, params, lora, dev)
+    by = {(r["step"], r["batch"]): r for r in results if "batch" in r}
+    for rows in sorted({r["batch"] for r in results if "batch" in r}):
         if ("sft_step", rows) in by and ("booster_step", rows) in by:
             ratio = by[("booster_step", rows)]["ms_per_step"] / by[("sft_step", rows)]["ms_per_step"]
             print(f"batch {rows}: booster_step / sft_step time = {ratio:.2f} (3 passes: ideal 3.0)")

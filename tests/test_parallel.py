@@ -414,6 +414,7 @@ def test_two_processes_agree_with_one(runs, meshes):
 def test_gpu_steps_tiny_runs(runs):
     out = _ok(runs, "tiny")
     assert "booster_step" in out and "sft_step" in out
+    assert "evaluate: generate 4 prompts x 4 new tokens" in out and "pairs/s" in out  # the evaluation phase
 
 
 if __name__ == "__main__":
