@@ -7,13 +7,13 @@ finished and resumes what is not.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass
 
 import jax
 
+from booster_jax import files, rundir
 from booster_jax.config import Config, apply_overrides, save_config
 from booster_jax.eval.evaluate import eval_sets, evaluate, make_judge
 from booster_jax.train import stages
@@ -60,11 +60,17 @@ def check_inputs(cfg: Config) -> None:
 
 
 def run_pipeline(cfg: Config, only: str | None = None, progress: bool = True) -> list[dict]:
-    """Run the grid; ``only`` limits to one stage kind (earlier stages must then be finished or are run)."""
+    """Run the grid; ``only`` limits to one stage kind (earlier stages must then be finished or are run).
+
+    The run directory is checked and locked for the whole run (``rundir.claim_run_dir``)."""
+    with rundir.claim_run_dir(cfg.run.output_dir):
+        return _run_pipeline(cfg, only, progress)
+
+
+def _run_pipeline(cfg: Config, only: str | None, progress: bool) -> list[dict]:
     out = cfg.run.output_dir
-    os.makedirs(out, exist_ok=True)
     if jax.process_index() == 0:
-        save_config(cfg, os.path.join(out, "config.yaml"))
+        _keep_aside_if_changed(os.path.join(out, "config.yaml"), lambda path: save_config(cfg, path))
     check_inputs(cfg)
     base = stages.load_base(cfg)
     judge = make_judge(cfg) if cfg.eval.enabled else None
@@ -81,8 +87,8 @@ def run_pipeline(cfg: Config, only: str | None = None, progress: bool = True) ->
         # Alignment is keyed by its fingerprint: variants that differ only after alignment share it.
         afp = stages.align_fingerprint(rc, base)
         align_dir = os.path.join(out, "align", afp)
-        _note_variant(align_dir, run.name)
         align_lora = stages.run_align(rc, base, align_dir, progress)
+        _note_variant(align_dir, run.name)
         before = None
         if do_eval:
             before = evaluate(rc, base, forward, base.params, align_lora,
@@ -105,34 +111,43 @@ def run_pipeline(cfg: Config, only: str | None = None, progress: bool = True) ->
                 "curve": _curve(os.path.join(out, "finetune", tag, "track.jsonl")),
             })
     if summaries and jax.process_index() == 0:
-        with open(os.path.join(out, "summaries.json"), "w") as f:
-            json.dump({"base": base_eval, "runs": summaries}, f, indent=2)
+        files.write_json_atomic(os.path.join(out, "summaries.json"), {"base": base_eval, "runs": summaries}, indent=2)
     return summaries
+
+
+def _keep_aside_if_changed(path: str, write) -> None:
+    """``write(path)``; a different earlier version (another config run here before) is kept as
+    ``<path>.old-<utc>`` rather than overwritten."""
+    if not os.path.exists(path):
+        write(path)
+        return
+    tmp = f"{path}.new-{os.getpid()}"
+    write(tmp)
+    if open(tmp, "rb").read() == open(path, "rb").read():
+        os.remove(tmp)
+        return
+    aside = f"{path}.old-{rundir._utc_stamp()}"
+    os.replace(path, aside)
+    os.replace(tmp, path)
+    log.warning("%s: the run directory held another configuration; the old file is kept as %s", path, aside)
 
 
 def _note_variant(stage_dir: str, name: str) -> None:
     """Record which grid variants use a fingerprint-named directory (for people browsing runs/)."""
     if jax.process_index() != 0:
         return
-    os.makedirs(stage_dir, exist_ok=True)
     path = os.path.join(stage_dir, "variants.txt")
-    names = set(open(path).read().split()) if os.path.exists(path) else set()
+    names = open(path).read().split() if os.path.exists(path) else []
     if name not in names:
-        with open(path, "a") as f:
-            f.write(name + "\n")
+        files.write_text_atomic(path, "".join(n + "\n" for n in names + [name]))
 
 
 def _curve(track_path: str) -> list[dict]:
     """The attack's harmful training loss over steps (the paper's Fig. 3), when it was tracked.
     A resumed stage may have logged a step twice; the last value wins."""
-    if not os.path.exists(track_path):
-        return []
     points = {}
-    with open(track_path) as f:
-        for line in f:
-            row = json.loads(line)
-            points[row["step"]] = {"step": row["step"], "harmful_loss": row["harmful_train_loss"],
-                                   "hs": row.get("hs")}
+    for row in files.read_jsonl(track_path):  # a torn last line (killed while writing) is dropped
+        points[row["step"]] = {"step": row["step"], "harmful_loss": row["harmful_train_loss"], "hs": row.get("hs")}
     return [points[k] for k in sorted(points)]
 
 
@@ -141,7 +156,10 @@ def load_summaries(out_dir: str) -> list[dict]:
     from booster_jax.errors import BoosterInputError
 
     path = os.path.join(out_dir, "summaries.json")
-    if not os.path.exists(path):
+    data, why = files.read_json(path)
+    if why == "missing":
         raise BoosterInputError(f"{path}: missing; run the pipeline first (python run.py CONFIG)")
-    with open(path) as f:
-        return json.load(f)["runs"]
+    if not isinstance(data, dict) or not isinstance(data.get("runs"), list):
+        raise BoosterInputError(f"{path}: unreadable ({why or 'no list of runs'}); run the pipeline again "
+                                "(python run.py CONFIG): it rebuilds the file from the finished evaluations")
+    return data["runs"]

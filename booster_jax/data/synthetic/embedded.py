@@ -70,10 +70,9 @@ def world_fingerprint(paths: dict[str, str]) -> str:
 def resolve(cfg: Config, progress: bool = True) -> Config:
     """Fill in the embedded world's files and base model wherever the config leaves them empty."""
     if cfg.model.path:
-        missing = [f"data.{k}" for k in DATA_FIELDS if not getattr(cfg.data, k) and k != "task_eval_file"]
-        if missing:
-            raise BoosterInputError(f"model.path is set ({cfg.model.path}), so the data files must be too; "
-                                    f"missing: {', '.join(missing)}")
+        problems = list(data_file_problems(cfg))
+        if problems:
+            raise BoosterInputError("; ".join(f"{k}: {msg}" for k, msg in problems))
         return cfg
     paths = ensure_world(cfg)
     fills = {"data.alignment_file": paths["alignment"], "data.task_file": paths["task_train"],
@@ -84,6 +83,19 @@ def resolve(cfg: Config, progress: bool = True) -> Config:
         overrides["eval.judge_path"] = paths["judge_vocab"]
     overrides["model.path"] = base_model_dir(cfg, paths, progress)
     return apply_overrides(cfg, overrides)
+
+
+def data_file_problems(cfg: Config):
+    """(key, problem) for each data file the config needs but does not name, or names but is not there.
+    The embedded world (model.path empty) fills the empty ones itself."""
+    from booster_jax.data import formats
+
+    for k in DATA_FIELDS + ("benign_file",):
+        path = getattr(cfg.data, k)
+        if path and formats._looks_local(path) and not os.path.isfile(os.path.expanduser(path)):
+            yield f"data.{k}", f"no such file: {path}"
+        elif not path and cfg.model.path and k not in ("task_eval_file", "benign_file"):
+            yield f"data.{k}", f"model.path is set ({cfg.model.path}), so the data files must be too"
 
 
 def _get(cfg, dotted: str):
