@@ -101,3 +101,77 @@ def test_sigkill_mid_stage_then_rerun_matches_uninterrupted_run(tmp_path, env):
         rec = json.loads(line)
         if rec["step"] - LOG_EVERY >= resumed_from:
             assert rec["loss"] == ref_lines[rec["step"]]["loss"]
+
+
+# ----------------------------------------------------------------------------- a diverged stage (issue 15)
+
+def _diverging_stage(tmp_path, lr, fingerprint, resume_diverged=False, steps=12):
+    """The tiny model through ``stages.train`` (the pipeline's stage runner), whose loss turns NaN once any
+    LoRA weight has moved more than 0.27 from its start: Adam moves about ``lr`` per step, so lr=0.05
+    diverges at step 7 (after the step-5 checkpoint) and lr=1e-3 never does."""
+    import jax
+    import jax.numpy as jnp
+
+    from booster_jax.config import load_config
+    from booster_jax.methods.base import Forward
+    from booster_jax.models.llama import make_model
+    from booster_jax.models.lora import init_lora
+    from booster_jax.train import stages
+    from tests import resume_worker as tiny
+
+    cfg = load_config(None, [f"align.optim.lr={lr}", "run.checkpoint_every=5", "run.log_every=1",
+                             "run.keep_last=3", f"run.resume_diverged={str(resume_diverged).lower()}"])
+    forward = Forward(make_model(tiny.CFG, tiny.SPEC))
+    lora0 = init_lora(jax.random.key(1), tiny.CFG, tiny.SPEC)
+
+    def poisoned(trainable, frozen, batch, **kw):
+        moved = jnp.max(jnp.stack([jnp.max(jnp.abs(x - y)) for x, y in zip(jax.tree.leaves(trainable),
+                                                                            jax.tree.leaves(lora0))]))
+        return forward(trainable, frozen, batch, **kw) + jnp.where(moved > 0.27, jnp.nan, 0.0)
+
+    frozen, *_ = tiny.build()
+    return stages.train(cfg, "align", "sft", cfg.align.optim, poisoned, frozen["params"], lora0,
+                        tiny.make_streams(), steps, str(tmp_path / "align" / "stage"), fingerprint,
+                        {"stage": "align"}, False, rng_seed=0)
+
+
+def test_nan_stop_says_what_a_rerun_does_and_resume_diverged_continues_with_new_optimizer(tmp_path, capfd):
+    from booster_jax.train.loop import TrainingDivergedError
+    from booster_jax.train.stages import DIVERGED
+
+    stage = tmp_path / "align" / "stage"
+    with pytest.raises(TrainingDivergedError) as e:
+        _diverging_stage(tmp_path, 0.05, "fp-lr0.05")
+    msg = str(e.value)
+    assert "at step 7" in msg and "step 5" in msg
+    assert "with the same settings it resumes from step 5" in msg
+    assert "with changed optimizer settings" in msg and "starts this stage over from step 0" in msg
+    assert "run.resume_diverged=true" in msg
+    assert json.load(open(stage / DIVERGED))["step"] == 5
+
+    # the option: same stage, lower learning rate (another fingerprint), continues from step 5
+    capfd.readouterr()
+    _diverging_stage(tmp_path, 1e-3, "fp-lr0.001", resume_diverged=True)
+    err = capfd.readouterr().err
+    assert "resuming from step 5/12" in err
+    assert json.load(open(stage / "DONE"))["fingerprint"] == "fp-lr0.001"
+    assert not (stage / DIVERGED).exists() and "diverged under fingerprint fp-lr0.05" in (stage / "NOTE.txt").read_text()
+    meta = json.load(open(stage / "final" / "meta.json"))
+    assert meta["summary"]["resumed_from_step"] == 5 and meta["summary"]["steps"] == 12
+    steps = [json.loads(line)["step"] for line in open(stage / "metrics.jsonl")]
+    assert steps == list(range(1, 13))  # 1-5 from the diverged run, 6-12 with the new settings
+
+
+def test_a_diverged_stage_rerun_with_new_optimizer_starts_over_and_keeps_the_old_one(tmp_path, capfd):
+    from booster_jax.train.loop import TrainingDivergedError
+    from booster_jax.train.stages import DIVERGED
+
+    with pytest.raises(TrainingDivergedError):
+        _diverging_stage(tmp_path, 0.05, "fp-lr0.05")
+    capfd.readouterr()
+    _diverging_stage(tmp_path, 1e-3, "fp-lr0.001")  # what the message says: a fresh stage from step 0
+    assert "resuming from step" not in capfd.readouterr().err
+    (old,) = [p for p in os.listdir(tmp_path / "align") if p.startswith("stage.old-")]
+    assert (tmp_path / "align" / old / DIVERGED).exists() and (tmp_path / "align" / old / "steps" / "5").exists()
+    meta = json.load(open(tmp_path / "align" / "stage" / "final" / "meta.json"))
+    assert meta["summary"]["resumed_from_step"] == 0
