@@ -59,7 +59,8 @@ def _trim_metrics_file(path: str, name: str, keep_upto: int) -> None:
     files.trim_jsonl(path, keep=lambda rec: not (rec.get("stage") == name and int(rec.get("step", 0)) > keep_upto))
 
 
-def _disk_full(name: str, store: StageStore, step: int, e: BaseException) -> BoosterInputError:
+def disk_full_error(name: str, store: StageStore, step: int, e: BaseException,
+                    what: str | None = None) -> BoosterInputError:
     """The message for a checkpoint save that ran out of space: where, how much, what was kept."""
     good = store.latest_step()
     kept = f"step {good} ({store.step_dir(good)})" if good is not None else "none (no checkpoint yet)"
@@ -69,7 +70,8 @@ def _disk_full(name: str, store: StageStore, step: int, e: BaseException) -> Boo
     except OSError:
         free = None
     return BoosterInputError(
-        f"stage {name!r}: the disk is full: saving the checkpoint of step {step} under {store.steps_dir} failed "
+        f"stage {name!r}: the disk is full: saving "
+        + (what or f"the checkpoint of step {step} under {store.steps_dir}") + " failed "
         f"({str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__}). "
         + (f"{free / 2**20:.1f} MiB free there; " if free is not None else "")
         + (f"a checkpoint takes about {need / 2**20:.1f} MiB. " if need else "")
@@ -247,9 +249,9 @@ def run_stage(
                                                        "last_metrics": last_metrics,
                                                        "stream_fingerprint": stream_fingerprint})
                 except Exception as e:  # noqa: BLE001 - only a full disk is turned into a user message
-                    if not rundir.is_disk_full(e):
+                    if not rundir.isdisk_full_error(e):
                         raise
-                    raise _disk_full(name, store, step, e) from None
+                    raise disk_full_error(name, store, step, e) from None
             if bar is not None:
                 bar.update(1)
             if on_step is not None:
@@ -263,4 +265,4 @@ def run_stage(
     return state, _summary(name, total_steps, start, wall, tokens, last_metrics)
 
 
-__all__ = ["TrainingDivergedError", "run_stage"]
+__all__ = ["TrainingDivergedError", "disk_full_error", "run_stage"]

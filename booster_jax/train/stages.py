@@ -29,7 +29,7 @@ from booster_jax.models import hf
 from booster_jax.models.llama import LlamaConfig, LoraSpec, make_model
 from booster_jax.models.lora import init_lora, merge_lora
 from booster_jax.train.checkpoint import StageStore
-from booster_jax.train.loop import TrainingDivergedError, run_stage
+from booster_jax.train.loop import TrainingDivergedError, disk_full_error, run_stage
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +184,12 @@ def train(cfg: Config, stage: str, method: str, optim_cfg, forward: Forward, fro
     padding = {k: round(streams[k].padding_fraction, 4) for k in spec.streams}
     log.info("%s:%s finished: %d steps, padding overhead %s (padded tokens / all tokens, per stream)",
              stage, method, steps, padding)
-    store.save_final(state, {**meta, "summary": {**summary, "padding_fraction": padding}}, fingerprint)
+    try:
+        store.save_final(state, {**meta, "summary": {**summary, "padding_fraction": padding}}, fingerprint)
+    except Exception as e:  # noqa: BLE001 - only a full disk is turned into a user message
+        if not rundir.is_disk_full(e):
+            raise
+        raise disk_full_error(f"{stage}:{method}", store, steps, e, what=f"the stage output under {store.final_dir}")
     return state.trainable
 
 

@@ -17,6 +17,7 @@ import shutil
 
 import jax
 
+from booster_jax import files
 from booster_jax.config import Config, OptimConfig, apply_overrides
 from booster_jax.errors import BoosterInputError
 
@@ -172,9 +173,9 @@ def pretrain_base(cfg: Config, recipe: PretrainRecipe = PretrainRecipe(), out_di
         hf.save_params(state.trainable, llama, out_dir)
         for name in os.listdir(tok_dir):
             shutil.copy(os.path.join(tok_dir, name), out_dir)
-        with open(os.path.join(out_dir, "recipe.json"), "w") as f:
-            json.dump({"recipe": dataclasses.asdict(recipe), "world_seed": cfg.world.seed,
-                       "world_fingerprint": world_fingerprint(paths),
-                       "command": f"python run.py pretrain world.seed={cfg.world.seed}"}, f, indent=2)
+        files.write_json_atomic(os.path.join(out_dir, "recipe.json"), {  # last: it marks the model complete
+            "recipe": dataclasses.asdict(recipe), "world_seed": cfg.world.seed,
+            "world_fingerprint": world_fingerprint(paths),
+            "command": f"python run.py pretrain world.seed={cfg.world.seed}"}, indent=2)
     log.info("base model written to %s", out_dir)
     return out_dir
