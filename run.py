@@ -5,7 +5,9 @@
                                               attacks at p in {0, 0.1, 0.2}, evaluation, table
   python run.py CONFIG.yaml [key=value ...]   any config (e.g. configs/paper/sst2_booster.yaml)
   python run.py COMMAND [CONFIG] [key=value]  one part: align | finetune | evaluate | report | world |
-                                              pretrain | plan
+                                              pretrain | plan | export
+  python run.py export CONFIG --stage align|finetune --format peft|merged --out DIR
+                                              a finished stage as a PEFT adapter or a merged HF model
 
 Overrides use dotted keys: align.booster.lam=1 grid.harmful_ratios=[0,0.1] run.output_dir=runs/x.
 Every stage writes an Orbax checkpoint under run.output_dir; a rerun reuses finished stages and
@@ -21,7 +23,7 @@ import os
 import sys
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "synthetic", "default.yaml")
-COMMANDS = ("all", "align", "finetune", "evaluate", "report", "world", "pretrain", "plan")
+COMMANDS = ("all", "align", "finetune", "evaluate", "report", "world", "pretrain", "plan", "export")
 WRITES_RUN_DIR = ("all", "align", "finetune", "evaluate")
 
 
@@ -32,6 +34,14 @@ def parse_args(argv):
                         f"(default {os.path.relpath(DEFAULT_CONFIG)}); then overrides")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    g = p.add_argument_group("export", "what `run.py export` writes")
+    g.add_argument("--stage", default="align", choices=("align", "finetune"), help="default align")
+    g.add_argument("--format", default="peft", dest="export_format", choices=("peft", "merged"),
+                   help="default peft")
+    g.add_argument("--out", help="the export directory (new or empty)")
+    g.add_argument("--variant", help="the grid variant (needed when the grid has several)")
+    g.add_argument("--seed", type=int, help="the grid seed (needed when the grid has several)")
+    g.add_argument("--ratio", type=float, help="the harmful ratio of the attack (--stage finetune)")
     ns = p.parse_intermixed_args(argv)  # options may come anywhere among the overrides
     rest = list(ns.args)
     if rest and rest[0] not in COMMANDS and _looks_like_command(rest[0]):
@@ -81,13 +91,13 @@ def main(argv=None) -> int:
     from booster_jax.errors import BoosterInputError
 
     try:
-        return run(command, config_path, overrides, progress=not ns.no_progress)
+        return run(command, config_path, overrides, progress=not ns.no_progress, options=ns)
     except BoosterInputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
 
-def run(command: str, config_path: str, overrides: list[str], progress: bool = True) -> int:
+def run(command: str, config_path: str, overrides: list[str], progress: bool = True, options=None) -> int:
     from booster_jax.config import load_config
 
     if not os.path.exists(config_path):
@@ -105,11 +115,11 @@ def run(command: str, config_path: str, overrides: list[str], progress: bool = T
         from booster_jax.rundir import claim_run_dir
 
         with claim_run_dir(cfg.run.output_dir):  # checked, marked and locked before anything is written
-            return _run(command, cfg, progress)
-    return _run(command, cfg, progress)
+            return _run(command, cfg, progress, options)
+    return _run(command, cfg, progress, options)
 
 
-def _run(command: str, cfg, progress: bool) -> int:
+def _run(command: str, cfg, progress: bool, options=None) -> int:
     import jax
 
     jax.config.update("jax_compilation_cache_dir", os.path.join(cfg.run.output_dir, ".jax_cache"))
@@ -126,6 +136,17 @@ def _run(command: str, cfg, progress: bool) -> int:
     cfg = embedded.resolve(cfg, progress=progress)
     if command == "world":
         print(f"world files under {cfg.world.dir}; base model {cfg.model.path}")
+        return 0
+    if command == "export":
+        from booster_jax.export import export
+
+        if options is None or not options.out:
+            from booster_jax.errors import BoosterInputError
+
+            raise BoosterInputError("export needs --out DIR (a new or empty directory)")
+        path = export(cfg, options.stage, options.export_format, options.out, options.variant, options.seed,
+                      options.ratio)
+        print(f"exported to {path}")
         return 0
     from booster_jax.eval.report import format_table, write_report
     from booster_jax.pipeline import run_pipeline, load_summaries

@@ -176,6 +176,10 @@ class DataConfig:
 class EvalConfig:
     judge: str = _f("beaver_dam", choices=JUDGES)
     judge_path: str = ""
+    # the BeaverDam judge's weights: auto = bfloat16 on an accelerator, float32 on CPU
+    judge_dtype: str = _f("auto", choices=("auto", "float32", "bfloat16"))
+    # false: the judge is loaded for each evaluation and released after it, never beside training
+    keep_judge_loaded: bool = False
     max_new_tokens_harmful: int = _f(512, POS)
     max_new_tokens_task: int = _f(64, POS)
     batch_size: int = _f(16, POS)

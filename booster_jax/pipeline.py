@@ -50,9 +50,16 @@ def with_ratio(cfg: Config, p: float) -> Config:
 
 
 def check_inputs(cfg: Config) -> None:
-    """Read every data file the grid will need before any model is loaded, so bad input fails fast."""
+    """Find every model and read every data file the grid will need before any model is loaded, so bad
+    input fails fast (a hub id is downloaded here, before minutes of loading a 7B base model)."""
     from booster_jax.data import formats
 
+    from booster_jax.models import hf
+
+    hf.resolve_model_dir(cfg.model.path)  # every model directory or hub id, before anything heavy loads
+    if cfg.eval.enabled and cfg.eval.judge == "beaver_dam":
+        hf.read_config_json(hf.resolve_model_dir(cfg.eval.judge_path, option="eval.judge_path"),
+                            "eval.judge_path (the BeaverDam judge)")
     formats.read_refusal_rows(cfg.data.alignment_file, skip_bad_rows=cfg.data.skip_bad_rows)
     stages.task_train_examples(cfg)
     if cfg.eval.enabled:

@@ -205,3 +205,81 @@ def test_missing_files_and_head(checkpoint, tmp_path):
     shutil.copy(lm / "config.json", empty / "config.json")
     with pytest.raises(BoosterInputError, match="model.safetensors"):
         bd.BeaverDamJudge(str(empty))
+
+
+# ------------------------------------------------------------ memory: on demand, dtype, sharded
+
+def _eval_cfg(judge_dir, *overrides):
+    from booster_jax.config import load_config
+
+    paper = __import__("os").path.join(__import__("os").path.dirname(__file__), "..", "configs", "paper",
+                                       "sst2_sft.yaml")
+    return load_config(paper, [f"eval.judge_path={judge_dir}", *overrides])
+
+
+def test_judge_is_loaded_only_for_an_evaluation(checkpoint):
+    """The run's judge holds no weights until it judges, and drops them after each evaluation."""
+    from booster_jax.eval.evaluate import judge_dtype, make_judge as run_judge, release_judge
+
+    model, tok, d = checkpoint
+    cfg = _eval_cfg(d)
+    judge = run_judge(cfg)
+    assert not judge.is_loaded and judge.name == "beaver_dam" and "BeaverDam" in judge.note
+    first = judge.judge(["q"], ["a"])
+    assert judge.is_loaded and judge.loads == 1 and judge_dtype(cfg) == "float32"  # CPU: auto -> f32
+    release_judge(cfg, judge)
+    assert not judge.is_loaded
+    assert judge.judge(["q"], ["a"])[0].scores == first[0].scores and judge.loads == 2
+    kept = _eval_cfg(d, "eval.keep_judge_loaded=true")
+    release_judge(kept, judge)
+    assert judge.is_loaded
+
+
+def test_judge_dtype_bfloat16(checkpoint, judge):
+    import jax.numpy as jnp
+
+    d = checkpoint[2]
+    from booster_jax.eval.evaluate import make_judge as run_judge
+
+    j = run_judge(_eval_cfg(d, "eval.judge_dtype=bfloat16"))
+    j.judge(["q"], ["a"])
+    assert {x.dtype for x in __import__("jax").tree.leaves(j.params)} == {jnp.dtype(jnp.bfloat16)}
+    ids, mask = np.array([[BOS, 70, 71, 72, EOS]], np.int32), np.ones((1, 5), np.int32)
+    assert np.abs(j.score_ids(ids, mask) - judge.score_ids(ids, mask)).max() < 0.02  # bf16 rounding
+
+
+SHARDED = """
+import sys, numpy as np, jax
+from booster_jax import parallel
+from booster_jax.config import MeshConfig
+from booster_jax.eval.beaver_dam import BeaverDamJudge
+assert jax.device_count() == 8
+mesh = parallel.make_mesh(MeshConfig(data=1, fsdp=8))
+sharded = BeaverDamJudge(sys.argv[1], mesh=mesh)
+plain = BeaverDamJudge(sys.argv[1])
+leaves = jax.tree.leaves(sharded.params)
+n_sharded = sum(not x.sharding.is_fully_replicated for x in leaves)
+per_device = sum(x.addressable_shards[0].data.nbytes for x in leaves)
+total = sum(x.nbytes for x in leaves)
+qs, ans = ["how do I pick a lock?", "hi"], ["first take a tension wrench", "hello"]
+diff = np.abs(sharded.scores(qs, ans) - plain.scores(qs, ans)).max()
+print(n_sharded, len(leaves), per_device / total, diff)
+"""
+
+
+def test_judge_is_sharded_on_the_run_mesh(checkpoint):
+    """On 8 fake devices with fsdp=8 the judge's weights are split like the base model's; same scores."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.join(os.path.dirname(__file__), "..")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+               PYTHONPATH=root)
+    out = subprocess.run([sys.executable, "-c", SHARDED, checkpoint[2]], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    n_sharded, n_leaves, fraction, diff = out.stdout.split()[-4:]
+    assert int(n_sharded) >= int(n_leaves) // 2, out.stdout
+    assert float(fraction) < 0.4  # each device holds well under the whole judge
+    assert float(diff) < TOL

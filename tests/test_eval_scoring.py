@@ -289,3 +289,15 @@ def test_write_report_figures(tmp_path):
         assert p.stat().st_size > 1000 and p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"]({p.name})" in text
     assert "HS before" in text and "cheap signal" in text
+
+
+def test_ratio_figure_axes_are_readable(tmp_path):
+    """One ratio and a constant series: x gets a window around the ratio, y the 0-100 scale."""
+    rows = [{"method": m, "harmful_ratio": 0.1, "seed": 0, "hs_after": 0.0, "fa": 50.0, "judge": "j"}
+            for m in ("SFT", "Booster")]
+    group = report.method_stats(rows)[("", "j")]
+    fig = report._plot_vs_ratio(group, tmp_path / "f.png", "t")
+    for ax in fig.axes:
+        lo, hi = ax.get_xlim()
+        assert lo <= 0.05 and hi >= 0.15 and list(ax.get_xticks()) == [0.1]
+        assert ax.get_ylim() == (-3, 103)

@@ -133,7 +133,7 @@ class BeaverDamJudge:
 
     def __init__(self, path: str, *, dtype: str = "float32", batch_size: int = 16,
                  max_length: int = DEFAULT_MAX_LENGTH, threshold: float = DEFAULT_THRESHOLD, bucket: int = 32,
-                 tokenizer=None):
+                 tokenizer=None, mesh=None):
         if dtype not in DTYPES:
             raise BoosterInputError(f"beaver_dam: dtype {dtype!r}; expected one of {sorted(DTYPES)}")
         for field, value in (("batch_size", batch_size), ("max_length", max_length), ("bucket", bucket)):
@@ -141,7 +141,7 @@ class BeaverDamJudge:
                 raise BoosterInputError(f"beaver_dam: {field} must be a positive int, got {value!r}")
         if not 0.0 <= threshold <= 1.0:
             raise BoosterInputError(f"beaver_dam: threshold must be in [0, 1], got {threshold}")
-        model_dir = hf.resolve_model_dir(path)
+        model_dir = hf.resolve_model_dir(path, option="eval.judge_path")
         self.id2label, config_pad = read_head_config(model_dir)
         self.labels = tuple(self.id2label[i] for i in range(len(self.id2label)))
         cfg = hf.read_config(model_dir)
@@ -156,8 +156,15 @@ class BeaverDamJudge:
         # The classifier has no lm_head: load as if tied so the loader does not look for one
         # (output="hidden" never reaches the head).
         head = {"score": {"kernel": jax.ShapeDtypeStruct((cfg.hidden_size, len(self.labels)), DTYPES[dtype])}}
-        params = hf.load_params(model_dir, cfg.replace(tie_word_embeddings=True), param_dtype=dtype,
-                                extra_shapes=head)
+        backbone = cfg.replace(tie_word_embeddings=True)
+        sharding_for = None
+        if mesh is not None:  # the run's mesh: each weight family sharded as the base model's is
+            from booster_jax import parallel
+
+            rule = parallel.sharding_for_path(mesh, backbone, param_dtype=dtype)
+            sharding_for = lambda keys: None if keys[0] == "score" else rule(keys)  # noqa: E731 - the head is tiny
+        params = hf.load_params(model_dir, backbone, param_dtype=dtype, extra_shapes=head,
+                                sharding_for=sharding_for)
         self.kernel = params.pop("score")["kernel"]
         self.params = params
         self.cfg = cfg

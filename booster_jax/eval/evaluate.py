@@ -34,8 +34,27 @@ def make_judge(cfg: Config):
 
     if cfg.eval.judge == "beaver_dam":
         import booster_jax.eval.beaver_dam  # noqa: F401  (registers "beaver_dam")
+    if cfg.eval.judge == "beaver_dam":
+        from booster_jax import parallel
+
+        kwargs = {"path": cfg.eval.judge_path, "dtype": judge_dtype(cfg), "mesh": parallel.mesh_for(cfg)}
+        return judges_mod.OnDemandJudge(cfg.eval.judge, lambda: judges_mod.make_judge("beaver_dam", **kwargs),
+                                        note=judges_mod.judge_note("beaver_dam"))
     kwargs = {"path": cfg.eval.judge_path} if cfg.eval.judge != "keyword-refusal" else {}
     return judges_mod.make_judge(cfg.eval.judge, **kwargs)
+
+
+def judge_dtype(cfg: Config) -> str:
+    """bf16 halves the judge's 26.5 GB (f32, 7B) on accelerators; the CPU backend computes bf16 slowly."""
+    if cfg.eval.judge_dtype != "auto":
+        return cfg.eval.judge_dtype
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+
+
+def release_judge(cfg: Config, judge) -> None:
+    """After an evaluation: free an on-demand judge unless ``eval.keep_judge_loaded``."""
+    if not cfg.eval.keep_judge_loaded and hasattr(type(judge), "release"):
+        judge.release()
 
 
 def benign_prompts(cfg: Config) -> list[Example]:
@@ -139,6 +158,7 @@ def evaluate(cfg: Config, base, forward, frozen, lora, out_dir: str, name: str, 
         "fingerprint": fp,
     }
     files.write_json_atomic(summary_path, summary, indent=2)  # written last: it marks the evaluation done
+    release_judge(cfg, judge)
     return summary
 
 

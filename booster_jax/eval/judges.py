@@ -176,6 +176,47 @@ JudgeFactory = Callable[..., Judge]
 _REGISTRY: dict[str, tuple[JudgeFactory, str]] = {}
 
 
+class OnDemandJudge:
+    """A heavy judge built at its first use and dropped by ``release()``.
+
+    BeaverDam-7B is ~13.5 GB in bf16: loaded for the whole run it sits beside the training state and
+    activations. Built only for an evaluation and released after it, the two never share a device.
+    Attributes other than ``name``/``note`` are the loaded judge's (asking for one loads it).
+    """
+
+    def __init__(self, name: str, factory: Callable[[], Judge], note: str = ""):
+        self.name, self.note = name, note
+        self._factory = factory
+        self._judge: Judge | None = None
+        self.loads = 0  # how often it was built (tests and logs)
+
+    @property
+    def is_loaded(self) -> bool:
+        return self._judge is not None
+
+    def loaded(self) -> Judge:
+        if self._judge is None:
+            self._judge = self._factory()
+            self.loads += 1
+        return self._judge
+
+    def judge(self, prompts: list[str], responses: list[str]) -> list[Verdict]:
+        return self.loaded().judge(prompts, responses)
+
+    def release(self) -> None:
+        """Drop the judge's weights (the next ``judge()`` builds it again)."""
+        if self._judge is not None:
+            import gc
+
+            self._judge = None
+            gc.collect()
+
+    def __getattr__(self, attr):
+        if attr.startswith("_"):
+            raise AttributeError(attr)
+        return getattr(self.loaded(), attr)
+
+
 def register_judge(name: str, factory: JudgeFactory, note: str = "", overwrite: bool = False) -> None:
     """Make ``make_judge(name, **kwargs)`` call ``factory(**kwargs)``.
 

@@ -266,7 +266,25 @@ def _plot_vs_ratio(group, path: Path, title: str) -> None:
             errs = [v[1] or 0.0 for _, v in pts]
             ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, label=m)
         _label_axis(ax, "harmful ratio p", ylabel)
+        _percent_axis(ax)
+        _ratio_axis(ax, sorted({r for e in group["methods"].values() for r in e[key]}))
     _save(fig, title, path)
+    return fig
+
+
+def _percent_axis(ax) -> None:
+    """Percentages on a fixed 0-100 scale: a constant series is not blown up to fill the plot."""
+    ax.set_ylim(-3, 103)
+
+
+def _ratio_axis(ax, ratios: list[float]) -> None:
+    """Ticks at the measured ratios; a single ratio gets a readable window instead of +-0.004."""
+    if not ratios:
+        return
+    ax.set_xticks(ratios)
+    span = max(ratios) - min(ratios)
+    pad = max(0.05, 0.08 * span)
+    ax.set_xlim(min(ratios) - pad, max(ratios) + pad)
 
 
 def _mean_curve(curves: list[list[dict]], key: str) -> tuple[list[float], list[float]]:
@@ -296,6 +314,8 @@ def _plot_curves(runs: list[_Run], ratio: float, path: Path, title: str) -> None
             if xs:
                 ax.plot(xs, ys, marker="." if len(xs) < 30 else None, label=f"{m} (n={len(curves)})")
         _label_axis(ax, "fine-tuning (attack) step", ylabel)
+        if key == "hs":
+            _percent_axis(ax)
     _save(fig, title, path)
 
 

@@ -28,20 +28,23 @@ ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
-def resolve_model_dir(path_or_id: str) -> str:
-    """A local directory as is; a hub id through ``huggingface_hub`` (safetensors and json files only)."""
+def resolve_model_dir(path_or_id: str, option: str = "model.path") -> str:
+    """A local directory as is; a hub id through ``huggingface_hub`` (safetensors and json files only).
+
+    ``option``: the config key the value came from, so the error names what the user must fix.
+    """
     if os.path.isdir(path_or_id):
         return path_or_id
     if os.path.exists(path_or_id):
-        raise BoosterInputError(f"model.path {path_or_id!r} is a file; expected a model directory")
+        raise BoosterInputError(f"{option} {path_or_id!r} is a file; expected a model directory")
     if path_or_id.count("/") != 1 or path_or_id.startswith((".", "/")):
-        raise BoosterInputError(f"model.path {path_or_id!r}: no such directory (and not a hub id 'org/name')")
+        raise BoosterInputError(f"{option} {path_or_id!r}: no such directory (and not a hub id 'org/name')")
     try:
         from huggingface_hub import snapshot_download
 
         return snapshot_download(path_or_id, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model"])
     except Exception as e:  # network or auth problems: say what was tried
-        raise BoosterInputError(f"model.path {path_or_id!r}: not a local directory, and the hub download "
+        raise BoosterInputError(f"{option} {path_or_id!r}: not a local directory, and the hub download "
                                 f"failed ({type(e).__name__}: {e})") from e
 
 

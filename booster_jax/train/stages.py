@@ -315,12 +315,17 @@ def finetune_weights(cfg: Config, base: Base, align_lora) -> tuple[Any, Any]:
     return merged, init_lora(jax.random.key(cfg.run.seed + 1000), base.llama, lora_spec(cfg))
 
 
+def finetune_fingerprint(cfg: Config, align_fp: str) -> str:
+    """The attack stage's identity: the alignment it starts from and its own settings."""
+    return hashlib.sha256((align_fp + config_fingerprint(
+        cfg, ["finetune", "data.task", "data.task_file", "data.n_finetune", "data.harmful_ratio", "data.seed",
+              "run.seed"])).encode()).hexdigest()[:16]
+
+
 def run_finetune(cfg: Config, base: Base, align_lora, align_fp: str, stage_dir: str,
                  progress: bool = True) -> tuple[Any, Any]:
     """The attack: n user samples with a fraction p harmful. Returns (frozen, fine-tuned LoRA)."""
-    fp = hashlib.sha256((align_fp + config_fingerprint(
-        cfg, ["finetune", "data.task", "data.task_file", "data.n_finetune", "data.harmful_ratio", "data.seed",
-              "run.seed"])).encode()).hexdigest()[:16]
+    fp = finetune_fingerprint(cfg, align_fp)
     frozen, trainable = finetune_weights(cfg, base, align_lora)
     mix, tok = finetune_examples(cfg, base.tokenizer)
     log.info("fine-tuning data: %d harmful + %d benign; %s", mix.n_harmful, mix.n_benign, tok.summary())
@@ -366,7 +371,7 @@ def harmful_score_probe(cfg: Config, base: Base, forward: Forward, frozen):
     """lora -> HS (%) on the first ``track_hs_prompts`` evaluation prompts, greedy, with the run's judge."""
     from booster_jax.data.template import format_prompt
     from booster_jax.eval import judges, tasks
-    from booster_jax.eval.evaluate import make_judge
+    from booster_jax.eval.evaluate import make_judge, release_judge
     from booster_jax.eval.generate import generate_text
 
     prompts = list(formats.read_beavertails_eval_prompts(cfg.data.eval_harmful_file, n=cfg.finetune.track_hs_prompts,
@@ -379,6 +384,8 @@ def harmful_score_probe(cfg: Config, base: Base, forward: Forward, frozen):
                              max_new_tokens=cfg.eval.max_new_tokens_harmful, batch_size=cfg.eval.batch_size,
                              full_text=True)
         answers = [tasks.extract_answer(o) for o in outs]
-        return judges.harmful_score(judge.judge([ex.instruction for ex in prompts], answers))
+        score = judges.harmful_score(judge.judge([ex.instruction for ex in prompts], answers))
+        release_judge(cfg, judge)  # training goes on: the judge's weights must not stay beside it
+        return score
 
     return hs
