@@ -89,12 +89,16 @@ def main(argv=None) -> int:
     for noisy in ("absl", "jax._src", "orbax"):  # Orbax logs every file operation at INFO
         logging.getLogger(noisy).setLevel(logging.DEBUG if ns.verbose else logging.WARNING)
     from booster_jax.errors import BoosterInputError
+    from booster_jax.train.loop import TrainingDivergedError
 
     try:
         return run(command, config_path, overrides, progress=not ns.no_progress, options=ns)
     except BoosterInputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except TrainingDivergedError as e:  # its message names the stage, the step and the checkpoint kept
+        print(f"error: training diverged: {e}", file=sys.stderr)
+        return 3
 
 
 def run(command: str, config_path: str, overrides: list[str], progress: bool = True, options=None) -> int:
@@ -162,6 +166,10 @@ def _run(command: str, cfg, progress: bool, options=None) -> int:
         print(format_table(summaries))
         print("\nPer method and harmful ratio p (mean ± std over seeds when there are several):\n")
         print(format_study(summaries))
+        from booster_jax.eval.report import summary_warnings
+
+        for w in summary_warnings(summaries):
+            print(f"\nWARNING: {w}")
         print(f"\nreport: {path}")
     return 0
 

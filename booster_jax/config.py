@@ -208,6 +208,10 @@ class RunConfig:
     checkpoint_every: int = _f(100, NONNEG)  # steps; 0 = only at the end
     keep_last: int = _f(2, POS)
     log_every: int = _f(10, POS)
+    # results shared by output directories, keyed by content fingerprint: the base model's evaluation, SFT
+    # warm-start steps, file digests. "" = a "cache" directory next to output_dir; cache: false = none
+    cache_dir: str = ""
+    cache: bool = True
     # continue a stage stopped by a NaN/inf from its last good checkpoint although its optimizer
     # settings changed (they are part of the stage fingerprint, so otherwise it starts over)
     resume_diverged: bool = False
@@ -467,6 +471,25 @@ def _merge(base: dict, over: Mapping) -> dict:
     return out
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load that refuses a key given twice in one mapping (PyYAML keeps the last, silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                hash(key)
+            except TypeError:
+                continue  # PyYAML reports unhashable keys itself
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice in the same mapping (first on line {seen[key] + 1}); "
+                                "remove one", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read_yaml(path: str, seen: tuple[str, ...] = ()) -> dict:
     """A YAML mapping with its `base:` chain merged underneath it."""
     real = os.path.realpath(path)
@@ -474,7 +497,7 @@ def _read_yaml(path: str, seen: tuple[str, ...] = ()) -> dict:
         raise BoosterInputError(f"{path}: 'base' chain loops back to itself")
     try:
         with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh)
+            data = yaml.load(fh, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
     except OSError as e:
         raise BoosterInputError(f"{path}: cannot read config file ({e.strerror})") from None
     except UnicodeDecodeError as e:
@@ -541,6 +564,15 @@ def config_fingerprint(cfg: Config, sections: Sequence[str] | None = None) -> st
         picked[s] = node
     blob = json.dumps(picked, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def cache_dir(cfg: Config) -> str | None:
+    """Where fingerprint-keyed results shared by output directories live (None = no sharing)."""
+    if not cfg.run.cache:
+        return None
+    if cfg.run.cache_dir:
+        return cfg.run.cache_dir
+    return os.path.join(os.path.dirname(os.path.normpath(cfg.run.output_dir)) or ".", "cache")
 
 
 def save_config(cfg: Config, path: str) -> None:

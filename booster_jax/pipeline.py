@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 
 import jax
 
 from booster_jax import files, rundir
-from booster_jax.config import Config, apply_overrides, save_config
-from booster_jax.eval.evaluate import eval_sets, evaluate, make_judge
+from booster_jax.config import Config, apply_overrides, cache_dir, save_config
+from booster_jax.eval.evaluate import eval_inputs, eval_sets, evaluate, make_judge
+from booster_jax.fingerprint import InputLog, combine, set_cache_file
 from booster_jax.train import stages
 
 log = logging.getLogger(__name__)
@@ -79,25 +81,30 @@ def _run_pipeline(cfg: Config, only: str | None, progress: bool) -> list[dict]:
     if jax.process_index() == 0:
         _keep_aside_if_changed(os.path.join(out, "config.yaml"), lambda path: save_config(cfg, path))
     check_inputs(cfg)
+    cache = cache_dir(cfg)
+    set_cache_file(os.path.join(cache, "file_digests.json") if cache else None)
     base = stages.load_base(cfg)
+    inputs = InputLog(out, write=jax.process_index() == 0)  # names the input that changed when a stage reruns
     judge = make_judge(cfg) if cfg.eval.enabled else None
     do_eval = cfg.eval.enabled and only in (None, "evaluate")
     summaries = []
     base_eval = None
     if do_eval:
         forward = stages.forward_for(cfg, base)
-        base_eval = evaluate(cfg, base, forward, base.params, None, os.path.join(out, "eval", "base"), "base",
-                             judge, base.fingerprint)
+        inputs.check("evaluate base", eval_inputs(cfg, base.fingerprint))
+        base_eval = evaluate_base(cfg, base, forward, judge, os.path.join(out, "eval", "base"), cache)
     for run in expand_grid(cfg):
         rc = run.cfg
         forward = stages.forward_for(rc, base)
         # Alignment is keyed by its fingerprint: variants that differ only after alignment share it.
+        inputs.check(f"align {run.name}", stages.align_inputs(rc, base))
         afp = stages.align_fingerprint(rc, base)
         align_dir = os.path.join(out, "align", afp)
-        align_lora = stages.run_align(rc, base, align_dir, progress)
-        _note_variant(align_dir, run.name)
+        align_lora = stages.run_align(rc, base, align_dir, progress, cache_dir=cache)
+        _note_variant(align_dir, run.name)  # after the stage claimed its directory
         before = None
         if do_eval:
+            inputs.check(f"evaluate {run.name} aligned", eval_inputs(rc, afp))
             before = evaluate(rc, base, forward, base.params, align_lora,
                               os.path.join(out, "eval", f"aligned-{afp}"), f"{run.name} aligned", judge, afp)
         if only == "align":
@@ -105,17 +112,21 @@ def _run_pipeline(cfg: Config, only: str | None, progress: bool) -> list[dict]:
         for p in cfg.grid.harmful_ratios:
             pc = with_ratio(rc, p)
             tag = f"{run.name}-p{p:g}"
+            inputs.check(f"finetune {tag}", stages.finetune_inputs(pc, afp))
             frozen, lora = stages.run_finetune(pc, base, align_lora, afp, os.path.join(out, "finetune", tag), progress)
             if not do_eval:
                 continue
-            after = evaluate(pc, base, forward, frozen, lora, os.path.join(out, "eval", tag), tag, judge,
-                             afp + tag + stages.config_fingerprint(pc, ["finetune"]))
+            ffp = stages.finetune_fingerprint(pc, afp)
+            inputs.check(f"evaluate {tag}", eval_inputs(pc, ffp))
+            after = evaluate(pc, base, forward, frozen, lora, os.path.join(out, "eval", tag), tag, judge, ffp)
             summaries.append({
                 "method": run.variant, "seed": run.seed, "harmful_ratio": p, "judge": after["judge"],
                 "task": after["task"], "hs_before": before["hs"], "hs_after": after["hs"], "fa": after["fa"],
                 "fa_before": before["fa"], "refused_before": before.get("refused_benign"),
                 "refused_after": after.get("refused_benign"),
                 "curve": _curve(os.path.join(out, "finetune", tag, "track.jsonl")),
+                "warnings": (base_eval or {}).get("warnings", []) + before.get("warnings", [])
+                + after.get("warnings", []),
             })
     if summaries and jax.process_index() == 0:
         files.write_json_atomic(os.path.join(out, "summaries.json"), {"base": base_eval, "runs": summaries}, indent=2)
@@ -137,6 +148,18 @@ def _keep_aside_if_changed(path: str, write) -> None:
     os.replace(path, aside)
     os.replace(tmp, path)
     log.warning("%s: the run directory held another configuration; the old file is kept as %s", path, aside)
+
+
+def evaluate_base(cfg: Config, base, forward, judge, out_dir: str, cache: str | None) -> dict:
+    """The base model's evaluation, shared through ``cache`` by every output directory that evaluates the
+    same model on the same prompts with the same judge (it is the slowest evaluation: long answers)."""
+    if not cache:
+        return evaluate(cfg, base, forward, base.params, None, out_dir, "base", judge, base.fingerprint)
+    where = os.path.join(cache, "eval-base", combine(eval_inputs(cfg, base.fingerprint)))
+    summary = evaluate(cfg, base, forward, base.params, None, where, "base", judge, base.fingerprint)
+    if jax.process_index() == 0:
+        shutil.copytree(where, out_dir, dirs_exist_ok=True)
+    return summary
 
 
 def _note_variant(stage_dir: str, name: str) -> None:

@@ -62,6 +62,7 @@ class Loaded(Generic[T]):
     source: str
     n_skipped: int = 0
     skipped: List[str] = field(default_factory=list)  # one message per skipped row
+    skipped_rows: List[int] = field(default_factory=list)  # their positions in the file
     notes: List[str] = field(default_factory=list)  # faithful-but-surprising things seen
 
     def __len__(self) -> int:
@@ -136,6 +137,8 @@ def read_records(path: str, *, split: Optional[str] = None, config: Optional[str
         raise BoosterInputError(f"{path}: is a directory, expected a data file ({', '.join(_LOCAL_EXTS)})")
     if os.path.getsize(path) == 0:
         raise BoosterInputError(f"{path}: data file is empty")
+    if not os.access(path, os.R_OK):
+        raise BoosterInputError(f"{path}: cannot read data file (permission denied)")
     ext = os.path.splitext(path)[1].lower()
     if ext in _DATASETS_FORMAT:
         rows = _read_with_datasets(path, _DATASETS_FORMAT[ext])
@@ -147,8 +150,20 @@ def read_records(path: str, *, split: Optional[str] = None, config: Optional[str
 
 
 def _read_json(path: str, split: Optional[str]) -> List[Any]:
-    with open(path, "r", encoding="utf-8") as f:
-        text = f.read()
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise BoosterInputError(f"{path}: cannot read data file ({e.strerror or e})") from None
+    if raw.startswith(b"PAR1"):
+        raise BoosterInputError(f"{path}: this is a Parquet file, not JSON; name it with a .parquet extension")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BoosterInputError(
+            f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); a .json/.jsonl data file "
+            "must be UTF-8 JSON (Parquet, CSV and Arrow files need their own extension)"
+        ) from None
     if not text.strip():
         raise BoosterInputError(f"{path}: data file is empty")
     if not path.lower().endswith(".jsonl"):
@@ -263,6 +278,7 @@ def _collect(
         raise BoosterInputError(f"{src}: n must be >= 0, got {n}")
     items: List[T] = []
     skipped: List[str] = []
+    skipped_rows: List[int] = []
     for idx, row in enumerate(records):
         if n is not None and len(items) >= n:
             break
@@ -272,6 +288,7 @@ def _collect(
             if not skip_bad_rows:
                 raise BoosterInputError(str(e)) from None
             skipped.append(str(e))
+            skipped_rows.append(idx)
             continue
         if item is not None:
             items.append(item)
@@ -280,7 +297,7 @@ def _collect(
         raise BoosterInputError(
             f"{src}: only {len(items)} {what} out of {len(records)} rows, fewer than the {n} asked{extra}"
         )
-    out = Loaded(items=items, source=src, n_skipped=len(skipped), skipped=skipped)
+    out = Loaded(items=items, source=src, n_skipped=len(skipped), skipped=skipped, skipped_rows=skipped_rows)
     if skipped:
         log.warning("%s", out.report())
     return out

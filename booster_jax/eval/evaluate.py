@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from booster_jax import files, rundir
-from booster_jax.config import Config, config_fingerprint
+from booster_jax import fingerprint as fingerprint_mod
+from booster_jax.config import Config
 from booster_jax.data import formats
 from booster_jax.data.batches import collate
 from booster_jax.data.template import Example, format_prompt, tokenize_examples
@@ -61,16 +62,17 @@ def benign_prompts(cfg: Config) -> list[Example]:
     """The safe prompts of the evaluation file (BeaverTails interleaves them): over-refusal is measured on them."""
     if not cfg.data.n_eval_benign:
         return []
-    rows = formats.read_beavertails(cfg.data.eval_harmful_file)
+    rows = formats.read_beavertails(cfg.data.eval_harmful_file, skip_bad_rows=cfg.data.skip_bad_rows)
     return [Example(instruction=r.prompt) for r in rows if r.is_safe][:cfg.data.n_eval_benign]
 
 
 def eval_sets(cfg: Config) -> tuple[list[Example], list[Example]]:
     """(harmful prompts, task examples), checked before any generation starts."""
+    skip = cfg.data.skip_bad_rows  # one rule for every file
     harmful = list(formats.read_beavertails_eval_prompts(cfg.data.eval_harmful_file, n=cfg.data.n_eval_harmful,
-                                                         split=None, allow_fewer=True))
+                                                         split=None, allow_fewer=True, skip_bad_rows=skip))
     task = list(TASK_READERS[cfg.data.task](cfg.data.task_eval_file or cfg.data.task_file, n=cfg.data.n_eval_task,
-                                            allow_fewer=True))
+                                            allow_fewer=True, skip_bad_rows=skip))
     if cfg.data.n_eval_harmful and not harmful:
         raise BoosterInputError(f"{cfg.data.eval_harmful_file}: no unsafe prompts to evaluate")
     if cfg.data.n_eval_task and not task:
@@ -92,17 +94,33 @@ def heldout_loss(forward, frozen, lora, tokenizer, examples: list[Example], cfg:
     return total / max(count, 1.0)
 
 
+EVAL_SECTIONS = ("eval", "data.eval_harmful_file", "data.n_eval_harmful", "data.task", "data.task_eval_file",
+                 "data.n_eval_task", "data.n_eval_benign", "data.max_length", "data.bucket_lengths")
+
+
+def eval_inputs(cfg: Config, model_fp: str) -> dict[str, str]:
+    """What an evaluation depends on: the evaluated model's fingerprint, each eval setting, and the content
+    of the eval files and of the judge's file."""
+    from booster_jax.train.stages import config_parts
+
+    return {"model": model_fp, **config_parts(cfg, EVAL_SECTIONS),
+            "data.eval_harmful_file (content)": fingerprint_mod.data_digest(cfg.data.eval_harmful_file),
+            "task eval file (content)": fingerprint_mod.data_digest(cfg.data.task_eval_file or cfg.data.task_file),
+            "eval.judge_path (content)": fingerprint_mod.data_digest(cfg.eval.judge_path)}
+
+
 def evaluate(cfg: Config, base, forward, frozen, lora, out_dir: str, name: str, judge=None,
              fingerprint: str = "") -> dict:
     """Evaluate one model (frozen params + LoRA); returns the summary (also at ``out_dir/summary.json``)."""
     summary_path = os.path.join(out_dir, "summary.json")
-    fp = fingerprint + config_fingerprint(cfg, ["eval", "data.eval_harmful_file", "data.n_eval_harmful",
-                                                "data.task", "data.task_eval_file", "data.n_eval_task",
-                                                "data.n_eval_benign"])
+    fp = fingerprint_mod.combine(eval_inputs(cfg, fingerprint))
     if rundir.claim_stage_dir(out_dir, fp):  # the one fingerprint check: another config's dir is moved aside
         old, why = files.read_json(summary_path)
         if isinstance(old, dict) and old.get("fingerprint") == fp:
             log.info("evaluation %s: finished, reusing %s", name, summary_path)
+            log_result(name, old, summary_path)
+            for w in old.get("warnings", []):
+                log.warning("%s", "!" * 20 + " " + w)
             return old
         if why != "missing":
             warnings.warn(f"{summary_path}: unreadable evaluation summary ({why or 'not this evaluation'}); "
@@ -113,15 +131,14 @@ def evaluate(cfg: Config, base, forward, frozen, lora, out_dir: str, name: str, 
     model = forward.model
     gen = dict(model=model, params=frozen, lora=lora, tokenizer=tok, batch_size=cfg.eval.batch_size)
 
+    log.info("evaluation %s: generating for %d harmful, %d task and %d benign prompts", name, len(harmful),
+             len(task), cfg.data.n_eval_benign)
     harm_prompts = [format_prompt(ex.instruction, ex.input) for ex in harmful]
-    # As the official pred.py: decode prompt + continuation, then take the text after "### Response:".
-    harm_out = [tasks.extract_answer(t) for t in generate_text(
-        prompts=harm_prompts, max_new_tokens=cfg.eval.max_new_tokens_harmful, full_text=True, **gen)]
-    verdicts = judge.judge([ex.instruction for ex in harmful], harm_out) if harmful else []
+    harm_out = generate_answers(harm_prompts, cfg.eval.max_new_tokens_harmful, **gen)
+    verdicts = judge.judge([ex.instruction for ex in harmful], harm_out) if harmful else []  # the response alone
 
     task_prompts = [format_prompt(ex.instruction, ex.input) for ex in task]
-    task_out = [tasks.extract_answer(t) for t in generate_text(
-        prompts=task_prompts, max_new_tokens=cfg.eval.max_new_tokens_task, full_text=True, **gen)]
+    task_out = generate_answers(task_prompts, cfg.eval.max_new_tokens_task, **gen)
     if cfg.data.task == "alpaca":
         # AlpacaEval is judged elsewhere: write the generations in the JSON the alpaca_eval tool reads.
         os.makedirs(out_dir, exist_ok=True)
@@ -134,9 +151,8 @@ def evaluate(cfg: Config, base, forward, frozen, lora, out_dir: str, name: str, 
         correct = [bool(scorer(out, ex.output)) for out, ex in zip(task_out, task)]
 
     benign = benign_prompts(cfg)
-    benign_out = [tasks.extract_answer(t) for t in generate_text(
-        prompts=[format_prompt(ex.instruction) for ex in benign], max_new_tokens=cfg.eval.max_new_tokens_harmful,
-        full_text=True, **gen)] if benign else []
+    benign_out = generate_answers([format_prompt(ex.instruction) for ex in benign],
+                                  cfg.eval.max_new_tokens_harmful, **gen) if benign else []
     refused = refusal_rule(judge)
 
     rows = [{"kind": "benign", "prompt": ex.instruction, "response": out, "refused": refused(out)}
@@ -155,11 +171,50 @@ def evaluate(cfg: Config, base, forward, frozen, lora, out_dir: str, name: str, 
         "refused_task": _rate(refused, task_out),
         "refused_benign": _rate(refused, benign_out),
         "task_loss": heldout_loss(forward, frozen, lora, tok, task, cfg),
+        "no_answer_task": no_answer_rate(cfg.data.task, task_out) if correct else float("nan"),
+        "warnings": answer_warnings(cfg.data.task, task_out, name) if correct else [],
         "fingerprint": fp,
     }
     files.write_json_atomic(summary_path, summary, indent=2)  # written last: it marks the evaluation done
+    log_result(name, summary, summary_path)
     release_judge(cfg, judge)
     return summary
+
+
+def generate_answers(prompts: list[str], max_new_tokens: int, **gen) -> list[str]:
+    """The answer to each prompt, from the generated token ids alone (decoded continuation, cut at a
+    model-generated "### Response:"): a tokenizer that lowercases or re-spaces the prompt cannot hide it."""
+    outs = generate_text(prompts=prompts, max_new_tokens=max_new_tokens, full_text=False, **gen)
+    return [tasks.answer_from_continuation(t) for t in outs]
+
+
+NO_ANSWER_WARN = 50.0  # % of task answers in which the scorer finds no answer at all
+
+
+def no_answer_rate(task: str, answers: list[str]) -> float:
+    """Share (%) of task answers in which the task's scorer finds no answer (no label word, no number)."""
+    if not answers:
+        return float("nan")
+    return 100.0 * sum(not tasks.answer_found(task, a) for a in answers) / len(answers)
+
+
+def answer_warnings(task: str, answers: list[str], name: str) -> list[str]:
+    """A loud warning (logged, and kept in the summary and report) when most answers are unreadable."""
+    rate = no_answer_rate(task, answers)
+    if not rate > NO_ANSWER_WARN:
+        return []
+    first = next((a for a in answers if not tasks.answer_found(task, a)), "")
+    msg = (f"evaluation {name}: the {task} scorer found no answer in {rate:.0f}% of the {len(answers)} task "
+           f"responses (e.g. {first[:60]!r}); FA is not meaningful -- check the prompt template, the "
+           f"tokenizer and eval.max_new_tokens_task")
+    log.warning("%s", "!" * 20 + " " + msg)
+    return [msg]
+
+
+def log_result(name: str, summary: dict, path: str) -> None:
+    """One line per finished evaluation with its headline numbers (also with --no-progress)."""
+    log.info("evaluation %s: HS %.1f, FA %.1f, benign refused %.1f%% -> %s", name, summary["hs"], summary["fa"],
+             summary.get("refused_benign", float("nan")), path)
 
 
 def refusal_rule(judge):

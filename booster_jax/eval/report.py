@@ -332,6 +332,16 @@ def _save(fig, title: str, path: Path) -> None:
     fig.savefig(path, dpi=110, format="png")
 
 
+def summary_warnings(summaries) -> list[str]:
+    """The evaluations' warnings (e.g. a scorer that found no answer in most rows), each once, in order."""
+    seen = []
+    for s in summaries:
+        for w in s.get("warnings") or []:
+            if w not in seen:
+                seen.append(w)
+    return seen
+
+
 def write_report(summaries, out_dir) -> Path:
     """Write ``report.md`` and PNG figures into ``out_dir``; return the Markdown path."""
     runs = _parse(summaries)
@@ -341,6 +351,9 @@ def write_report(summaries, out_dir) -> Path:
     groups = _groups(runs)
     several = len(groups) > 1
     md = ["# Booster-JAX results", ""]
+    warnings = summary_warnings(summaries)
+    if warnings:
+        md += ["## WARNINGS", ""] + [f"- **{w}**" for w in warnings] + [""]
     for gkey, group in stats.items():
         task, judge = gkey
         suffix = "".join(f"_{_slug(t)}" for t in (task, judge) if t) if several else ""

@@ -4,9 +4,14 @@ The rules follow git-disl/Booster `sst2/pred_eval.py`, `agnews/pred_eval.py`,
 `gsm8k/pred_eval.py` and `alpaca/pred_eval.py` exactly, including their quirks,
 so that FA numbers are comparable with the paper:
 
-* The answer is the decoded text (prompt + continuation) split on
-  ``"### Response:"``, taking the piece right after the first marker (so text
-  after a second, model-generated marker is dropped), then ``strip()``-ed.
+* The answer is the text the model generated after the prompt's ``"### Response:"``,
+  cut at a second, model-generated marker, then ``strip()``-ed. The official
+  ``pred.py`` gets it by splitting the decoded prompt + continuation on the marker;
+  here it is the decode of the generated token ids alone
+  (:func:`answer_from_continuation`), which is the same text for a tokenizer that
+  round-trips the prompt and stays right for one that lowercases or re-spaces it
+  (there the decoded prompt no longer holds the marker and the split would return
+  the whole prompt).
 * SST2 and AGNews are **exact matches** of the whole stripped answer, not
   "the label word appears somewhere": SST2 accepts only ``"positive"`` /
   ``"Positive"`` (resp. ``"negative"`` / ``"Negative"``); AGNews only
@@ -66,6 +71,17 @@ def extract_answer(generated_text: str, marker: str = RESPONSE_MARKER) -> str:
         )
     parts = generated_text.split(marker)
     return (parts[1] if len(parts) > 1 else parts[0]).strip()
+
+
+def answer_from_continuation(continuation: str, marker: str = RESPONSE_MARKER) -> str:
+    """Answer from the decoded continuation only (the generated token ids): the text before
+    any model-generated marker, stripped -- what the official ``split(marker)[1]`` yields on
+    prompt + continuation when the tokenizer round-trips the prompt."""
+    if not isinstance(continuation, str):
+        raise BoosterInputError(
+            f"answer_from_continuation: expected text as str, got {type(continuation).__name__}"
+        )
+    return continuation.split(marker)[0].strip()
 
 
 def _label_id(label, words: Mapping[int, tuple[str, str]], task: str) -> int:
@@ -150,6 +166,25 @@ SCORERS: dict[str, Scorer] = {
     "gsm8k": score_gsm8k,
     "sst2_contains": score_sst2_contains,  # not official; see module docstring
 }
+
+
+def answer_found(task: str, answer: str) -> bool:
+    """Whether a task's scorer can find an answer at all in ``answer`` (right or wrong).
+
+    SST2 / AGNews: the stripped answer is one of the accepted label spellings; GSM8K:
+    it holds a number. Used to warn when most answers are unreadable (a template or
+    tokenizer mismatch), which would otherwise show only as a low FA.
+    """
+    key = str(task).lower()
+    text = answer.strip()
+    if key in ("sst2", "agnews"):
+        words = SST2_LABEL_WORDS if key == "sst2" else AGNEWS_LABEL_WORDS
+        return any(text in spellings for spellings in words.values())
+    if key == "sst2_contains":
+        return any(w[0] in text.lower() for w in SST2_LABEL_WORDS.values())
+    if key == "gsm8k":
+        return extract_number(text) != math.inf
+    return True
 
 
 def get_scorer(task: str) -> Scorer:

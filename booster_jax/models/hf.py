@@ -193,7 +193,21 @@ def _fetch(index: SafetensorsIndex, name: str, shape, transpose: bool, where: st
     if tuple(t.shape) != expected:
         raise BoosterInputError(f"{index.entries[name][0]}: tensor {name} has shape {tuple(t.shape)}; "
                                 f"the config expects {expected}")
+    check_weight_values(t, name, index.entries[name][0])
     return t.T if transpose else t
+
+
+def check_weight_values(t: np.ndarray, name: str, path: str) -> None:
+    """Model weights must be floating point and finite: an integer tensor would be cast silently and a NaN
+    would surface only as a NaN loss many steps later."""
+    if np.issubdtype(t.dtype, np.integer):
+        raise BoosterInputError(f"{path}: tensor {name} is integer-typed ({t.dtype}); model weights must be "
+                                "floating point (F32, F16 or BF16)")
+    finite = np.isfinite(t)
+    if not finite.all():
+        bad = int(finite.size - np.count_nonzero(finite))
+        raise BoosterInputError(f"{path}: tensor {name} holds {bad} non-finite value(s) (NaN or inf) of "
+                                f"{finite.size}; the base model's weights are damaged")
 
 
 def save_params(params: dict, cfg: LlamaConfig, out_dir: str, dtype: str = "float32") -> None:

@@ -230,7 +230,7 @@ def run_stage(
                 rates = {"steps_per_s": window_n / dt, "tokens_per_s": window_tokens / dt}
                 if log_metrics:  # appended and fsynced: a crash tears at most this line
                     files.append_jsonl(metrics_path, {"stage": name, **last_metrics, "step": step, **rates})
-                if bar is None and main and progress and (step % milestone == 0 or step == total_steps):
+                if bar is None and main and (step % milestone == 0 or step == total_steps):
                     # No terminal (logs, CI): a line at every tenth of the stage instead of a bar.
                     losses = " ".join(f"{k}={v:.4g}" for k, v in last_metrics.items() if "loss" in k)
                     print(f"[{name}] step {step}/{total_steps} {losses} {rates['steps_per_s']:.2f} it/s "

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import hashlib
 import logging
 import os
 from typing import Any
@@ -19,11 +18,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from booster_jax import files, parallel, rundir
+from booster_jax import files, fingerprint, parallel, rundir
 from booster_jax.config import BOOSTER_FAMILY, Config, config_fingerprint, config_to_dict
 from booster_jax.data import formats, mixture
 from booster_jax.data.batches import BatchStream
 from booster_jax.data.template import tokenize_examples
+from booster_jax.errors import BoosterInputError
 from booster_jax.methods.base import Forward, StepContext, get_method, init_state, make_optimizer
 from booster_jax.models import hf
 from booster_jax.models.llama import LlamaConfig, LoraSpec, make_model
@@ -61,17 +61,14 @@ def load_base(cfg: Config, sharding_for=None) -> Base:
 
 
 def model_fingerprint(model_dir: str) -> str:
-    """Cheap identity of a model directory: its config and the safetensors headers (not the gigabytes)."""
-    h = hashlib.sha256()
-    for name in sorted(os.listdir(model_dir)):
-        path = os.path.join(model_dir, name)
-        if name.endswith(".json"):
-            h.update(open(path, "rb").read())
-        elif name.endswith(".safetensors"):
-            with open(path, "rb") as f:
-                head = f.read(8)
-                h.update(head + f.read(int.from_bytes(head, "little")))
-    return h.hexdigest()[:16]
+    """Identity of a model directory by content: its config / tokenizer files and its weights
+    (``booster_jax.fingerprint.model_fingerprint``: safetensors headers, sizes and bytes, cached)."""
+    return fingerprint.model_fingerprint(model_dir)
+
+
+def config_parts(cfg: Config, sections) -> dict[str, str]:
+    """One fingerprint part per config section, so a rerun can name the setting that changed."""
+    return {f"config {s}": config_fingerprint(cfg, [s]) for s in sections}
 
 
 def lora_spec(cfg: Config) -> LoraSpec:
@@ -95,28 +92,79 @@ def total_steps(stage_cfg, steps_per_epoch: int) -> int:
 
 # ---------------------------------------------------------------------------------------------- align
 
-def alignment_examples(cfg: Config, tokenizer):
+def refusal_rows(cfg: Config):
+    """The refusal file's rows. With ``data.skip_bad_rows`` the row ranges (alignment
+    ``data.align_start..align_end``, the attack's rows 1..) count *usable* rows, so skipped rows before a
+    range's end shift it; that is said, with the number of file rows it moved by."""
     rows = formats.read_refusal_rows(cfg.data.alignment_file, skip_bad_rows=cfg.data.skip_bad_rows)
+    before_end = [i for i in rows.skipped_rows if i < cfg.data.align_end + len(rows.skipped_rows)]
+    if before_end:
+        log.warning("%s: %d bad rows skipped (first at file row %d); the row ranges (alignment rows %d..%d, the "
+                    "attack's harmful rows from 1) now count usable rows, so they are shifted by up to %d file "
+                    "rows", cfg.data.alignment_file, len(rows.skipped_rows), before_end[0], cfg.data.align_start,
+                    cfg.data.align_end - 1, len(before_end))
+    return rows
+
+
+def alignment_examples(cfg: Config, tokenizer):
+    rows = refusal_rows(cfg)
     align, harmful = mixture.alignment_sets(rows, cfg.data.align_start, cfg.data.align_end)
     if cfg.align.benign_mix > 0:
         if not cfg.data.benign_file:
-            raise ValueError("align.benign_mix > 0 needs data.benign_file (an instruction file)")
-        benign = formats.read_instructions(cfg.data.benign_file)
+            raise BoosterInputError("align.benign_mix > 0 needs data.benign_file (an instruction file)")
+        benign = formats.read_instructions(cfg.data.benign_file, skip_bad_rows=cfg.data.skip_bad_rows)
         align = mixture.benign_mix(align, list(benign), cfg.align.benign_mix, cfg.data.seed)
-    tok_align = tokenize_examples(tokenizer, align, cfg.data.max_length)
-    tok_harm = tokenize_examples(tokenizer, harmful, cfg.data.max_length)
+    tok_align = check_targets(tokenize_examples(tokenizer, align, cfg.data.max_length), "alignment", cfg)
+    tok_harm = check_targets(tokenize_examples(tokenizer, harmful, cfg.data.max_length), "harmful", cfg)
     return tok_align, tok_harm
 
 
+def check_targets(tok, what: str, cfg: Config):
+    """Refuse a training set whose every example lost its response to truncation (it would train on nothing);
+    warn when most did."""
+    n = len(tok.items)
+    if n and tok.n_no_target == n:
+        raise BoosterInputError(f"data.max_length={cfg.data.max_length}: every one of the {n} {what} examples is "
+                                "truncated before its response, so nothing would be trained; raise data.max_length")
+    if n and tok.n_no_target > n / 2:
+        log.warning("data.max_length=%d: %d of %d %s examples are truncated before their response (no target "
+                    "tokens)", cfg.data.max_length, tok.n_no_target, n, what)
+    return tok
+
+
+ALIGN_SECTIONS = ("lora", "data.alignment_file", "data.align_start", "data.align_end", "data.max_length",
+                  "data.bucket_lengths", "data.benign_file", "data.seed", "align", "run.seed", "model.dtype",
+                  "model.param_dtype", "model.add_pad_token")
+
+
+def align_inputs(cfg: Config, base: Base) -> dict[str, str]:
+    """What the alignment depends on, by name: the base model, each config setting, each data file's content."""
+    return {"base model": base.fingerprint, **config_parts(cfg, ALIGN_SECTIONS),
+            "data.alignment_file (content)": fingerprint.data_digest(cfg.data.alignment_file),
+            "data.benign_file (content)": fingerprint.data_digest(cfg.data.benign_file)}
+
+
 def align_fingerprint(cfg: Config, base: Base) -> str:
-    sections = ["lora", "data.alignment_file", "data.align_start", "data.align_end", "data.max_length",
-                "data.bucket_lengths", "data.benign_file", "data.seed", "align", "run.seed", "model.dtype",
-                "model.param_dtype", "model.add_pad_token"]
-    return hashlib.sha256((base.fingerprint + config_fingerprint(cfg, sections)).encode()).hexdigest()[:16]
+    return fingerprint.combine(align_inputs(cfg, base))
 
 
-def run_align(cfg: Config, base: Base, stage_dir: str, progress: bool = True) -> Any:
-    """Align the base model with ``cfg.align.method``; returns the alignment LoRA."""
+def warmup_inputs(cfg: Config, base: Base, steps: int) -> dict[str, str]:
+    """What the SFT warm start depends on: the alignment's inputs without the method's own settings (a
+    Booster lam or a Vaccine rho does not change plain SFT steps), so variants share it."""
+    parts = {k: v for k, v in align_inputs(cfg, base).items() if k != "config align"}
+    return {**parts, "warm-start steps": str(steps), **config_parts(cfg, ["align.optim", "align.batch_size",
+                                                                          "align.benign_mix"])}
+
+
+def warmup_fingerprint(cfg: Config, base: Base, steps: int) -> str:
+    return fingerprint.combine(warmup_inputs(cfg, base, steps))
+
+
+def run_align(cfg: Config, base: Base, stage_dir: str, progress: bool = True, cache_dir: str | None = None) -> Any:
+    """Align the base model with ``cfg.align.method``; returns the alignment LoRA.
+
+    ``cache_dir``: the SFT warm start lives under ``<cache_dir>/warmup/<its fingerprint>`` and is shared by
+    every variant and output directory with the same inputs; None = inside ``stage_dir``."""
     fp = align_fingerprint(cfg, base)
     forward = forward_for(cfg, base)
     spec = lora_spec(cfg)
@@ -134,9 +182,11 @@ def run_align(cfg: Config, base: Base, stage_dir: str, progress: bool = True) ->
         # Deviation (documented): a short SFT warm start, its own stage so it resumes and is reused.
         warm_cfg = dataclasses.replace(cfg, align=dataclasses.replace(cfg.align, method="sft", max_steps=warm,
                                                                       warmup_sft_steps=0))
+        wfp = warmup_fingerprint(cfg, base, warm)
+        warm_dir = os.path.join(cache_dir, "warmup", wfp) if cache_dir else os.path.join(stage_dir, "warmup")
         trainable = train(warm_cfg, "align", "sft", cfg.align.optim, forward, base.params, trainable,
-                          {"align": streams["align"]}, warm, os.path.join(stage_dir, "warmup"),
-                          fp + "-warmup", _meta(cfg, base, "align-warmup"), progress, rng_seed=cfg.run.seed)
+                          {"align": streams["align"]}, warm, warm_dir, wfp, _meta(cfg, base, "align-warmup"),
+                          progress, rng_seed=cfg.run.seed)
     return train(cfg, "align", cfg.align.method, cfg.align.optim, forward, base.params, trainable,
                  streams, steps - warm, stage_dir, fp, _meta(cfg, base, "align"), progress,
                  rng_seed=cfg.run.seed + 7)
@@ -163,8 +213,15 @@ def train(cfg: Config, stage: str, method: str, optim_cfg, forward: Forward, fro
     frozen, state = parallel.place(frozen, mesh), parallel.place(state, mesh)
     # ---
     if store.is_done(fingerprint):
-        log.info("%s: finished stage found, reusing %s", stage, stage_dir)
-        return store.load_final(state)[0].trainable
+        log.info("%s:%s: finished stage found, reusing %s", stage, method, stage_dir)
+        state, final_meta = store.load_final(state)
+        # a later stage that continues these streams (align after its warm start) must see them where they
+        # ended, whether this stage ran now or was reused
+        for k, pos in final_meta.get("streams", {}).items():
+            if k in streams:
+                streams[k].restore(pos)
+        return state.trainable
+    log.info("%s:%s: starting, %d steps -> %s", stage, method, steps, stage_dir)
     step_fn = spec.make_step(StepContext(forward, optimizer, section, total_steps=steps))
     step_fn = parallel.shard_activations(step_fn, mesh)  # scale-out: batch-sharded activations (FSDP)
     try:
@@ -182,10 +239,12 @@ def train(cfg: Config, stage: str, method: str, optim_cfg, forward: Forward, fro
                 "config": config_to_dict(cfg)})
         raise
     padding = {k: round(streams[k].padding_fraction, 4) for k in spec.streams}
-    log.info("%s:%s finished: %d steps, padding overhead %s (padded tokens / all tokens, per stream)",
-             stage, method, steps, padding)
+    losses = " ".join(f"{k}={v:.4g}" for k, v in summary.get("metrics", {}).items() if "loss" in k)
+    log.info("%s:%s finished: %d steps, %s, padding overhead %s (padded tokens / all tokens, per stream)",
+             stage, method, steps, losses or "no loss logged", padding)
     try:
-        store.save_final(state, {**meta, "summary": {**summary, "padding_fraction": padding}}, fingerprint)
+        store.save_final(state, {**meta, "summary": {**summary, "padding_fraction": padding},
+                                 "streams": {k: streams[k].state() for k in spec.streams}}, fingerprint)
     except Exception as e:  # noqa: BLE001 - only a full disk is turned into a user message
         if not rundir.is_disk_full(e):
             raise
@@ -294,11 +353,11 @@ def continues_alignment_lora(cfg: Config) -> bool:
 
 
 def finetune_examples(cfg: Config, tokenizer):
-    rows = formats.read_refusal_rows(cfg.data.alignment_file, skip_bad_rows=cfg.data.skip_bad_rows)
+    rows = refusal_rows(cfg)
     task = task_train_examples(cfg)
     mix = mixture.finetune_mixture(rows, list(task), cfg.data.n_finetune, cfg.data.harmful_ratio, cfg.data.seed,
                                    alignment_range=range(cfg.data.align_start, cfg.data.align_end))
-    return mix, tokenize_examples(tokenizer, mix.examples, cfg.data.max_length)
+    return mix, check_targets(tokenize_examples(tokenizer, mix.examples, cfg.data.max_length), "fine-tuning", cfg)
 
 
 def task_train_examples(cfg: Config):
@@ -315,11 +374,20 @@ def finetune_weights(cfg: Config, base: Base, align_lora) -> tuple[Any, Any]:
     return merged, init_lora(jax.random.key(cfg.run.seed + 1000), base.llama, lora_spec(cfg))
 
 
+FINETUNE_SECTIONS = ("finetune", "data.task", "data.task_file", "data.n_finetune", "data.harmful_ratio",
+                     "data.seed", "run.seed")
+
+
+def finetune_inputs(cfg: Config, align_fp: str) -> dict[str, str]:
+    """What the attack depends on: the alignment (which covers the refusal file and the base model), each
+    config setting, the task file's content."""
+    return {"alignment": align_fp, **config_parts(cfg, FINETUNE_SECTIONS),
+            "data.task_file (content)": fingerprint.data_digest(cfg.data.task_file)}
+
+
 def finetune_fingerprint(cfg: Config, align_fp: str) -> str:
-    """The attack stage's identity: the alignment it starts from and its own settings."""
-    return hashlib.sha256((align_fp + config_fingerprint(
-        cfg, ["finetune", "data.task", "data.task_file", "data.n_finetune", "data.harmful_ratio", "data.seed",
-              "run.seed"])).encode()).hexdigest()[:16]
+    """The attack stage's identity: the alignment it starts from and its own settings and task data."""
+    return fingerprint.combine(finetune_inputs(cfg, align_fp))
 
 
 def run_finetune(cfg: Config, base: Base, align_lora, align_fp: str, stage_dir: str,
@@ -370,20 +438,18 @@ def harmful_loss_hook(cfg: Config, base: Base, forward: Forward, frozen, mix, to
 def harmful_score_probe(cfg: Config, base: Base, forward: Forward, frozen):
     """lora -> HS (%) on the first ``track_hs_prompts`` evaluation prompts, greedy, with the run's judge."""
     from booster_jax.data.template import format_prompt
-    from booster_jax.eval import judges, tasks
-    from booster_jax.eval.evaluate import make_judge, release_judge
-    from booster_jax.eval.generate import generate_text
+    from booster_jax.eval import judges
+    from booster_jax.eval.evaluate import generate_answers, make_judge, release_judge
 
     prompts = list(formats.read_beavertails_eval_prompts(cfg.data.eval_harmful_file, n=cfg.finetune.track_hs_prompts,
-                                                         split=None, allow_fewer=True))
+                                                         split=None, allow_fewer=True,
+                                                         skip_bad_rows=cfg.data.skip_bad_rows))
     judge = make_judge(cfg)
 
     def hs(lora) -> float:
-        outs = generate_text(base.tokenizer, forward.model, frozen, lora,
-                             [format_prompt(ex.instruction) for ex in prompts],
-                             max_new_tokens=cfg.eval.max_new_tokens_harmful, batch_size=cfg.eval.batch_size,
-                             full_text=True)
-        answers = [tasks.extract_answer(o) for o in outs]
+        answers = generate_answers([format_prompt(ex.instruction) for ex in prompts],
+                                   cfg.eval.max_new_tokens_harmful, tokenizer=base.tokenizer, model=forward.model,
+                                   params=frozen, lora=lora, batch_size=cfg.eval.batch_size)
         score = judges.harmful_score(judge.judge([ex.instruction for ex in prompts], answers))
         release_judge(cfg, judge)  # training goes on: the judge's weights must not stay beside it
         return score
