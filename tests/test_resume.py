@@ -245,7 +245,7 @@ def test_a_users_own_directory_is_not_written(tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- whole runs (issue 15)
 
-ONE_RUN = ["grid.variants={sft: {align.method: sft}}", "grid.harmful_ratios=[0.1]", "--no-progress"]
+ONE_RUN = ["grid.variants={sft: {align.method: sft}}", "grid.harmful_ratios=[0.1]", "data.n_eval_benign=4", "--no-progress"]
 
 
 @pytest.fixture(scope="module")
