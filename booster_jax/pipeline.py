@@ -156,7 +156,8 @@ def evaluate_base(cfg: Config, base, forward, judge, out_dir: str, cache: str | 
     if not cache:
         return evaluate(cfg, base, forward, base.params, None, out_dir, "base", judge, base.fingerprint)
     where = os.path.join(cache, "eval-base", combine(eval_inputs(cfg, base.fingerprint)))
-    summary = evaluate(cfg, base, forward, base.params, None, where, "base", judge, base.fingerprint)
+    with rundir.shared_dir_lock(where):  # another run evaluating the same base model: wait, then reuse
+        summary = evaluate(cfg, base, forward, base.params, None, where, "base", judge, base.fingerprint)
     if jax.process_index() == 0:
         shutil.copytree(where, out_dir, dirs_exist_ok=True)
     return summary

@@ -125,9 +125,9 @@ def _start_time(pid: int) -> str | None:
 class RunLock:
     """An exclusive lock file in a run directory (see the module docstring for the stale-lock rules)."""
 
-    def __init__(self, run_dir: str):
+    def __init__(self, run_dir: str, lock_path: str | None = None):
         self.run_dir = run_dir
-        self.path = os.path.join(run_dir, LOCK)
+        self.path = lock_path or os.path.join(run_dir, LOCK)
         self.owner = {"pid": os.getpid(), "host": socket.gethostname(), "started": _start_time(os.getpid()),
                       "time": time.time()}
         self._stop = threading.Event()
@@ -257,12 +257,40 @@ class claim_run_dir:
                 self.lock.release()
 
 
+class shared_dir_lock:
+    """Context manager for a directory shared by several runs (``run.cache_dir``): wait while another
+    live run writes it (lock file ``<dir>.lock`` beside it), then hold it. Process 0 only."""
+
+    def __init__(self, path: str, poll_s: float = 2.0):
+        self.path, self.poll_s, self.lock = path, poll_s, None
+
+    def __enter__(self):
+        if _process_index() != 0:
+            return self
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        self.lock = RunLock(self.path, lock_path=f"{os.path.abspath(self.path)}.lock")
+        said = False
+        while True:
+            try:
+                self.lock.acquire()
+                return self
+            except RunLockedError as e:
+                if not said:
+                    log.warning("%s; waiting (shared by runs through run.cache_dir)", e)
+                    said = True
+                time.sleep(self.poll_s)
+
+    def __exit__(self, *exc) -> None:
+        if self.lock is not None:
+            self.lock.release()
+
+
 # ---------------------------------------------------------------------------------- stage dirs
 
 def recorded_fingerprint(stage_dir: str) -> tuple[str | None, str | None]:
     """(fingerprint, None), or (None, why none can be read); (None, None) for an absent or empty dir."""
-    if not os.path.isdir(stage_dir) or not os.listdir(stage_dir):
-        return None, None
+    if not os.path.isdir(stage_dir) or not [n for n in os.listdir(stage_dir) if ".tmp-" not in n]:
+        return None, None  # absent, empty, or only a half-written first file
     path = os.path.join(stage_dir, FINGERPRINT)
     if os.path.exists(path):
         try:

@@ -523,3 +523,25 @@ def test_a_full_disk_stops_with_the_path_and_keeps_the_last_good_checkpoint(tmp_
     assert f"last good checkpoint is step 5 ({store.step_dir(5)}) and was kept" in msg
     assert store.all_steps() == [5]
     store.close()
+
+
+def test_a_shared_cache_dir_waits_for_the_run_writing_it(tmp_path):
+    import threading
+
+    shared = str(tmp_path / "cache" / "warmup" / "fp")
+    os.makedirs(os.path.dirname(shared))
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    json.dump({"pid": sleeper.pid, "host": socket.gethostname(), "started": rundir._start_time(sleeper.pid)},
+              open(shared + ".lock", "w"))
+    threading.Timer(1.0, sleeper.kill).start()  # the other run finishes after a second
+    t0 = time.time()
+    try:
+        with rundir.shared_dir_lock(shared, poll_s=0.1):
+            waited = time.time() - t0
+            assert json.load(open(shared + ".lock"))["pid"] == os.getpid()
+            rundir.claim_stage_dir(shared, "fp")  # the lock beside the directory is not its content
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert waited >= 0.9 and not os.path.exists(shared + ".lock")
+    assert os.listdir(shared) == [rundir.FINGERPRINT]

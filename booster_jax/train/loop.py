@@ -249,7 +249,7 @@ def run_stage(
                                                        "last_metrics": last_metrics,
                                                        "stream_fingerprint": stream_fingerprint})
                 except Exception as e:  # noqa: BLE001 - only a full disk is turned into a user message
-                    if not rundir.isdisk_full_error(e):
+                    if not rundir.is_disk_full(e):
                         raise
                     raise disk_full_error(name, store, step, e) from None
             if bar is not None:

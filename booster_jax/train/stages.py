@@ -9,6 +9,7 @@ configuration is moved aside and the stage runs afresh.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import logging
@@ -184,9 +185,10 @@ def run_align(cfg: Config, base: Base, stage_dir: str, progress: bool = True, ca
                                                                       warmup_sft_steps=0))
         wfp = warmup_fingerprint(cfg, base, warm)
         warm_dir = os.path.join(cache_dir, "warmup", wfp) if cache_dir else os.path.join(stage_dir, "warmup")
-        trainable = train(warm_cfg, "align", "sft", cfg.align.optim, forward, base.params, trainable,
-                          {"align": streams["align"]}, warm, warm_dir, wfp, _meta(cfg, base, "align-warmup"),
-                          progress, rng_seed=cfg.run.seed)
+        with rundir.shared_dir_lock(warm_dir) if cache_dir else contextlib.nullcontext():  # other runs wait
+            trainable = train(warm_cfg, "align", "sft", cfg.align.optim, forward, base.params, trainable,
+                              {"align": streams["align"]}, warm, warm_dir, wfp, _meta(cfg, base, "align-warmup"),
+                              progress, rng_seed=cfg.run.seed)
     return train(cfg, "align", cfg.align.method, cfg.align.optim, forward, base.params, trainable,
                  streams, steps - warm, stage_dir, fp, _meta(cfg, base, "align"), progress,
                  rng_seed=cfg.run.seed + 7)
