@@ -17,12 +17,14 @@ resumes unfinished ones from their last step checkpoint.
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
 import os
 import sys
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "synthetic", "default.yaml")
 COMMANDS = ("all", "align", "finetune", "evaluate", "report", "world", "pretrain", "plan", "export")
+WRITES_RUN_DIR = ("all", "align", "finetune", "evaluate")
 
 
 def parse_args(argv):
@@ -42,12 +44,42 @@ def parse_args(argv):
     g.add_argument("--ratio", type=float, help="the harmful ratio of the attack (--stage finetune)")
     ns = p.parse_intermixed_args(argv)  # options may come anywhere among the overrides
     rest = list(ns.args)
+    if rest and rest[0] not in COMMANDS and _looks_like_command(rest[0]):
+        close = difflib.get_close_matches(rest[0], COMMANDS, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        p.error(f"unknown command {rest[0]!r}{hint}; commands: {', '.join(COMMANDS)}")
     command = rest.pop(0) if rest and rest[0] in COMMANDS else "all"
     config = rest.pop(0) if rest and "=" not in rest[0] else DEFAULT_CONFIG
     bad = [a for a in rest if "=" not in a]
     if bad:
         p.error(f"expected key=value overrides after the config, got {bad}")
     return command, config, rest, ns
+
+
+def _looks_like_command(word: str) -> bool:
+    """A bare word (no '=', no path separator or suffix) that is not a file: a command, not a config."""
+    return "=" not in word and os.sep not in word and "." not in word and not os.path.exists(word)
+
+
+def preflight(command: str):
+    """extra_checks for load_config: the data files and the mesh, reported with the config's own problems."""
+
+    def checks(cfg):
+        from booster_jax.data.synthetic import embedded
+
+        yield from embedded.data_file_problems(cfg)
+        if command not in ("plan", "report"):  # the plan sizes its own mesh (plan.devices)
+            import jax
+
+            from booster_jax import parallel
+            from booster_jax.errors import BoosterInputError
+
+            try:
+                parallel.mesh_shape(cfg.mesh, jax.device_count())
+            except BoosterInputError as e:
+                yield "mesh", str(e)
+
+    return checks
 
 
 def main(argv=None) -> int:
@@ -76,12 +108,24 @@ def run(command: str, config_path: str, overrides: list[str], progress: bool = T
         from booster_jax.errors import BoosterInputError
 
         raise BoosterInputError(f"{config_path}: no such config file")
-    cfg = load_config(config_path, overrides)  # every config problem is reported here, before any work
     import jax
 
     from booster_jax import parallel
 
-    parallel.initialize_distributed(cfg)
+    parallel.initialize_distributed()  # before the mesh check counts the devices
+    # every config, data-file and mesh problem is reported here, at once, before any work
+    cfg = load_config(config_path, overrides, extra_checks=preflight(command))
+    if command in WRITES_RUN_DIR:
+        from booster_jax.rundir import claim_run_dir
+
+        with claim_run_dir(cfg.run.output_dir):  # checked, marked and locked before anything is written
+            return _run(command, cfg, progress, options)
+    return _run(command, cfg, progress, options)
+
+
+def _run(command: str, cfg, progress: bool, options=None) -> int:
+    import jax
+
     jax.config.update("jax_compilation_cache_dir", os.path.join(cfg.run.output_dir, ".jax_cache"))
     from booster_jax.data.synthetic import embedded
 

@@ -19,7 +19,7 @@ import re
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import yaml
 
@@ -226,7 +226,7 @@ class PlanConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
-    output_dir: str = "runs/default"
+    output_dir: str = _f("runs/default", nonempty=True)
     seed: int = 42
     checkpoint_every: int = _f(100, NONNEG)  # steps; 0 = only at the end
     keep_last: int = _f(2, POS)
@@ -235,6 +235,9 @@ class RunConfig:
     # warm-start steps, file digests. "" = a "cache" directory next to output_dir; cache: false = none
     cache_dir: str = ""
     cache: bool = True
+    # continue a stage stopped by a NaN/inf from its last good checkpoint although its optimizer
+    # settings changed (they are part of the stage fingerprint, so otherwise it starts over)
+    resume_diverged: bool = False
 
 
 @dataclass(frozen=True)
@@ -376,8 +379,8 @@ def _check(value, f: dataclasses.Field, key: str, probs: _Problems) -> bool:
     n_before = len(probs.lines)
     meta = f.metadata
     items = value if isinstance(value, list) else [value]
-    if meta.get("nonempty") and not value:
-        probs.add(key, "expected a non-empty list")
+    if meta.get("nonempty") and not (value.strip() if isinstance(value, str) else value):
+        probs.add(key, "expected a non-empty value" if isinstance(value, str) else "expected a non-empty list")
     for i, x in enumerate(items):
         if x is _BAD:  # already reported; still range-check its neighbours
             continue
@@ -527,6 +530,9 @@ def _read_yaml(path: str, seen: tuple[str, ...] = ()) -> dict:
             data = yaml.load(fh, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
     except OSError as e:
         raise BoosterInputError(f"{path}: cannot read config file ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise BoosterInputError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
+                                "save the config file as UTF-8") from None
     except yaml.YAMLError as e:
         raise BoosterInputError(f"{path}: not valid YAML: {e}") from None
     data = {} if data is None else data
@@ -554,8 +560,13 @@ def parse_override(text: str) -> tuple[str, Any]:
         return key.strip(), value
 
 
-def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> Config:
-    """Defaults <- YAML (with its `base:` chain) <- `key=value` overrides, validated."""
+def load_config(path: str | None = None, overrides: Sequence[str] = (),
+                extra_checks: Callable[[Config], Iterable[tuple[str, str]]] | None = None) -> Config:
+    """Defaults <- YAML (with its `base:` chain) <- `key=value` overrides, validated.
+
+    ``extra_checks(cfg) -> [(key, problem)]``: further checks (data files, mesh) run even when values
+    are bad (on a config where those fell back to their defaults), so every problem is reported at once.
+    """
     raw = _read_yaml(path) if path else {}
     probs = _Problems()
     for text in overrides:
@@ -564,6 +575,10 @@ def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> Confi
         except BoosterInputError as e:
             probs.lines.append(str(e))
     cfg = _from_raw(raw, probs)
+    if extra_checks is not None:
+        for key, msg in extra_checks(cfg):
+            if key not in probs.keys:  # a bad value already reported is not checked twice
+                probs.add(key, msg)
     probs.raise_if_any(" + ".join(filter(None, [path, "overrides" if overrides else ""])))
     return cfg
 
@@ -591,6 +606,6 @@ def cache_dir(cfg: Config) -> str | None:
 
 
 def save_config(cfg: Config, path: str) -> None:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w", encoding="utf-8") as fh:
-        yaml.safe_dump(config_to_dict(cfg), fh, sort_keys=False)
+    from booster_jax import files
+
+    files.write_text_atomic(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

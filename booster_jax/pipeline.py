@@ -7,7 +7,6 @@ finished and resumes what is not.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -15,6 +14,7 @@ from dataclasses import dataclass
 
 import jax
 
+from booster_jax import files, rundir
 from booster_jax.config import Config, apply_overrides, cache_dir, save_config
 from booster_jax.eval.evaluate import benign_prompts, eval_inputs, eval_sets, evaluate, make_judge
 from booster_jax.fingerprint import InputLog, combine, set_cache_file
@@ -70,11 +70,17 @@ def check_inputs(cfg: Config) -> None:
 
 
 def run_pipeline(cfg: Config, only: str | None = None, progress: bool = True) -> list[dict]:
-    """Run the grid; ``only`` limits to one stage kind (earlier stages must then be finished or are run)."""
+    """Run the grid; ``only`` limits to one stage kind (earlier stages must then be finished or are run).
+
+    The run directory is checked and locked for the whole run (``rundir.claim_run_dir``)."""
+    with rundir.claim_run_dir(cfg.run.output_dir):
+        return _run_pipeline(cfg, only, progress)
+
+
+def _run_pipeline(cfg: Config, only: str | None, progress: bool) -> list[dict]:
     out = cfg.run.output_dir
-    os.makedirs(out, exist_ok=True)
     if jax.process_index() == 0:
-        save_config(cfg, os.path.join(out, "config.yaml"))
+        _keep_aside_if_changed(os.path.join(out, "config.yaml"), lambda path: save_config(cfg, path))
     check_inputs(cfg)
     cache = cache_dir(cfg)
     set_cache_file(os.path.join(cache, "file_digests.json") if cache else None)
@@ -95,8 +101,8 @@ def run_pipeline(cfg: Config, only: str | None = None, progress: bool = True) ->
         inputs.check(f"align {run.name}", stages.align_inputs(rc, base))
         afp = stages.align_fingerprint(rc, base)
         align_dir = os.path.join(out, "align", afp)
-        _note_variant(align_dir, run.name)
         align_lora = stages.run_align(rc, base, align_dir, progress, cache_dir=cache)
+        _note_variant(align_dir, run.name)  # after the stage claimed its directory
         before = None
         if do_eval:
             inputs.check(f"evaluate {run.name} aligned", eval_inputs(rc, afp))
@@ -124,9 +130,25 @@ def run_pipeline(cfg: Config, only: str | None = None, progress: bool = True) ->
                 + after.get("warnings", []),
             })
     if summaries and jax.process_index() == 0:
-        with open(os.path.join(out, "summaries.json"), "w") as f:
-            json.dump({"base": base_eval, "runs": summaries}, f, indent=2)
+        files.write_json_atomic(os.path.join(out, "summaries.json"), {"base": base_eval, "runs": summaries}, indent=2)
     return summaries
+
+
+def _keep_aside_if_changed(path: str, write) -> None:
+    """``write(path)``; a different earlier version (another config run here before) is kept as
+    ``<path>.old-<utc>`` rather than overwritten."""
+    if not os.path.exists(path):
+        write(path)
+        return
+    tmp = f"{path}.new-{os.getpid()}"
+    write(tmp)
+    if open(tmp, "rb").read() == open(path, "rb").read():
+        os.remove(tmp)
+        return
+    aside = f"{path}.old-{rundir._utc_stamp()}"
+    os.replace(path, aside)
+    os.replace(tmp, path)
+    log.warning("%s: the run directory held another configuration; the old file is kept as %s", path, aside)
 
 
 def evaluate_base(cfg: Config, base, forward, judge, out_dir: str, cache: str | None) -> dict:
@@ -135,7 +157,8 @@ def evaluate_base(cfg: Config, base, forward, judge, out_dir: str, cache: str | 
     if not cache:
         return evaluate(cfg, base, forward, base.params, None, out_dir, "base", judge, base.fingerprint)
     where = os.path.join(cache, "eval-base", combine(eval_inputs(cfg, base.fingerprint)))
-    summary = evaluate(cfg, base, forward, base.params, None, where, "base", judge, base.fingerprint)
+    with rundir.shared_dir_lock(where):  # another run evaluating the same base model: wait, then reuse
+        summary = evaluate(cfg, base, forward, base.params, None, where, "base", judge, base.fingerprint)
     if jax.process_index() == 0:
         shutil.copytree(where, out_dir, dirs_exist_ok=True)
     return summary
@@ -145,25 +168,18 @@ def _note_variant(stage_dir: str, name: str) -> None:
     """Record which grid variants use a fingerprint-named directory (for people browsing runs/)."""
     if jax.process_index() != 0:
         return
-    os.makedirs(stage_dir, exist_ok=True)
     path = os.path.join(stage_dir, "variants.txt")
-    names = set(open(path).read().split()) if os.path.exists(path) else set()
+    names = open(path).read().split() if os.path.exists(path) else []
     if name not in names:
-        with open(path, "a") as f:
-            f.write(name + "\n")
+        files.write_text_atomic(path, "".join(n + "\n" for n in names + [name]))
 
 
 def _curve(track_path: str) -> list[dict]:
     """The attack's harmful training loss over steps (the paper's Fig. 3), when it was tracked.
     A resumed stage may have logged a step twice; the last value wins."""
-    if not os.path.exists(track_path):
-        return []
     points = {}
-    with open(track_path) as f:
-        for line in f:
-            row = json.loads(line)
-            points[row["step"]] = {"step": row["step"], "harmful_loss": row["harmful_train_loss"],
-                                   "hs": row.get("hs")}
+    for row in files.read_jsonl(track_path):  # a torn last line (killed while writing) is dropped
+        points[row["step"]] = {"step": row["step"], "harmful_loss": row["harmful_train_loss"], "hs": row.get("hs")}
     return [points[k] for k in sorted(points)]
 
 
@@ -172,7 +188,10 @@ def load_summaries(out_dir: str) -> list[dict]:
     from booster_jax.errors import BoosterInputError
 
     path = os.path.join(out_dir, "summaries.json")
-    if not os.path.exists(path):
+    data, why = files.read_json(path)
+    if why == "missing":
         raise BoosterInputError(f"{path}: missing; run the pipeline first (python run.py CONFIG)")
-    with open(path) as f:
-        return json.load(f)["runs"]
+    if not isinstance(data, dict) or not isinstance(data.get("runs"), list):
+        raise BoosterInputError(f"{path}: unreadable ({why or 'no list of runs'}); run the pipeline again "
+                                "(python run.py CONFIG): it rebuilds the file from the finished evaluations")
+    return data["runs"]

@@ -336,3 +336,212 @@ def test_run_stage_summary_metrics_and_finished_rerun(tmp_path, built):
     assert summary2["tokens"] == summary["tokens"] and summary2["resumed_from_step"] == 10
     assert len(open(metrics_path).readlines()) == 4
     store.close()
+
+
+# ----------------------------------------------------------------------------- the run directory (issue 15)
+
+import errno  # noqa: E402
+import re  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import warnings  # noqa: E402
+
+from booster_jax import files, rundir  # noqa: E402
+
+
+def _write_lock(d, **holder):
+    json.dump(holder, open(os.path.join(d, rundir.LOCK), "w"))
+
+
+def test_run_lock_refuses_a_live_owner_and_takes_over_stale_ones(tmp_path):
+    d = str(tmp_path / "run")
+    os.makedirs(d)
+    host = socket.gethostname()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        _write_lock(d, pid=sleeper.pid, host=host, started=rundir._start_time(sleeper.pid))
+        expected = f"another run (pid {sleeper.pid} on host {host}) is writing {d}; wait for it or use another " \
+                   "run.output_dir"
+        with pytest.raises(rundir.RunLockedError, match=re.escape(expected)):
+            rundir.RunLock(d).acquire()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    # the owner died (same host, pid not alive): the lock is stale and taken over
+    lock = rundir.RunLock(d)
+    lock.acquire()
+    assert json.load(open(os.path.join(d, rundir.LOCK)))["pid"] == os.getpid()
+    with pytest.raises(rundir.RunLockedError, match=f"pid {os.getpid()} on host"):  # held: a second claim fails
+        rundir.RunLock(d).acquire()
+    lock.release()
+    assert not os.path.exists(os.path.join(d, rundir.LOCK))
+    # a recycled pid (alive, but another process since: different start time) does not hold the lock
+    _write_lock(d, pid=os.getpid(), host=host, started="not-this-process")
+    lock = rundir.RunLock(d)
+    lock.acquire()
+    lock.release()
+    # another host: its pid cannot be checked, so the lock is live until its heartbeat is STALE_AFTER_S old
+    _write_lock(d, pid=1, host="some-other-host")
+    with pytest.raises(rundir.RunLockedError, match="pid 1 on host some-other-host"):
+        rundir.RunLock(d).acquire()
+    old = time.time() - rundir.STALE_AFTER_S - 5
+    os.utime(os.path.join(d, rundir.LOCK), (old, old))
+    lock = rundir.RunLock(d)
+    lock.acquire()
+    lock.release()
+
+
+def test_output_dir_must_be_ours_writable_and_a_directory(tmp_path, monkeypatch):
+    user = tmp_path / "mine"
+    user.mkdir()
+    for name in ("config.yaml", "report.md", "summaries.json"):
+        (user / name).write_text("the user's own\n")
+    with pytest.raises(BoosterInputError, match="not a booster-jax run directory") as e:
+        rundir.check_output_dir(str(user))
+    assert all(n in str(e.value) for n in ("config.yaml", "report.md", "summaries.json"))
+    assert sorted(os.listdir(user)) == ["config.yaml", "report.md", "summaries.json"]  # nothing written
+    assert all((user / n).read_text() == "the user's own\n" for n in os.listdir(user))
+
+    fresh = tmp_path / "fresh"
+    assert rundir.check_output_dir(str(fresh)) == str(fresh)
+    assert (fresh / rundir.MARKER).exists()
+    (fresh / "summaries.json").write_text("{}")
+    rundir.check_output_dir(str(fresh))  # ours: a non-empty run directory is fine
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    with pytest.raises(BoosterInputError, match="is a file, not a directory"):
+        rundir.check_output_dir(str(a_file))
+    with pytest.raises(BoosterInputError, match="lies under a file"):
+        rundir.check_output_dir(str(a_file / "run"))
+    with pytest.raises(BoosterInputError, match="run.output_dir: expected a directory path"):
+        rundir.check_output_dir("")
+
+    def denied(*a, **k):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(rundir.os, "makedirs", denied)
+    with pytest.raises(BoosterInputError, match="cannot write there \\(Permission denied\\)"):
+        rundir.check_output_dir(str(tmp_path / "ro" / "run"))
+
+
+def test_claim_run_dir_is_reentrant_and_releases(tmp_path):
+    d = str(tmp_path / "run")
+    with rundir.claim_run_dir(d):
+        with rundir.claim_run_dir(d):  # the pipeline inside run.py's claim
+            assert os.path.exists(os.path.join(d, rundir.LOCK))
+        assert os.path.exists(os.path.join(d, rundir.LOCK))
+    assert not os.path.exists(os.path.join(d, rundir.LOCK))
+
+
+@pytest.mark.parametrize("bad", ["garbage", "other-config", "binary", "empty"])
+def test_a_stage_of_another_or_unreadable_fingerprint_is_moved_aside_never_deleted(tmp_path, built, bad):
+    state = fresh_state(built)
+    stage = str(tmp_path / "finetune" / "tag")
+    assert rundir.claim_stage_dir(stage, "fp-current") is False  # fresh
+    with StageStore(stage, checkpoint_every=5, fingerprint="fp-current") as store:
+        save_two(store, state)
+    assert rundir.claim_stage_dir(stage, "fp-current") is True  # ours: reuse / resume
+    fp_file = os.path.join(stage, rundir.FINGERPRINT)
+    content = {"garbage": b"\x00garbage\n", "other-config": b"fp-other", "binary": b"\xff\xfe\x80", "empty": b""}[bad]
+    open(fp_file, "wb").write(content)
+    with pytest.warns(rundir.StageMovedAsideWarning, match="moved it aside") as w:
+        assert rundir.claim_stage_dir(stage, "fp-current") is False
+    (old,) = [p for p in os.listdir(tmp_path / "finetune") if p.startswith("tag.old-")]
+    old = os.path.join(tmp_path, "finetune", old)
+    assert old in str(w[0].message)
+    assert sorted(os.listdir(os.path.join(old, "steps"))) == ["10", "5"]  # the good checkpoints are kept
+    assert open(os.path.join(old, rundir.FINGERPRINT), "rb").read() == content
+    note = open(os.path.join(old, rundir.NOTE)).read()
+    assert "Nothing in this directory was reused" in note
+    assert os.listdir(stage) == [rundir.FINGERPRINT] and open(fp_file).read() == "fp-current"
+    with StageStore(old, checkpoint_every=5, fingerprint="fp-current") as store:  # still restorable
+        _, record = store.restore_latest(state)
+    assert record["step"] == 10
+
+
+# ----------------------------------------------------------------------------- atomic outputs (issue 15)
+
+def test_atomic_write_keeps_the_old_file_when_the_write_fails(tmp_path, monkeypatch):
+    path = str(tmp_path / "summary.json")
+    files.write_json_atomic(path, {"hs": 1.0})
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(files.os, "fsync", no_space)
+    with pytest.raises(OSError):
+        files.write_json_atomic(path, {"hs": 2.0})
+    assert json.load(open(path)) == {"hs": 1.0} and os.listdir(tmp_path) == ["summary.json"]
+
+
+def test_jsonl_torn_last_line_is_dropped_on_read_and_on_resume(tmp_path, built):
+    frozen, _, step_fn, _, rng = built
+    path = str(tmp_path / "m" / "metrics.jsonl")
+    store = StageStore(str(tmp_path / "s"), keep_last=2, checkpoint_every=4)
+    kw = dict(name="tiny", store=store, step_fn=step_fn, frozen=frozen, rng=rng, run_cfg=run_cfg(4, 2),
+              metrics_path=path, progress=False, jit_kwargs=tiny.JIT_KWARGS)
+    run_stage(state=fresh_state(built), streams=tiny.make_streams(), total_steps=4, **kw)
+    with open(path, "a") as fh:  # a run killed while appending its step-6 line
+        fh.write('{"loss": 1.5, "stage": "tiny", "st')
+    with pytest.warns(UserWarning, match="dropped unreadable line"):
+        assert [r["step"] for r in files.read_jsonl(path)] == [2, 4]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run_stage(state=fresh_state(built), streams=tiny.make_streams(), total_steps=8, **kw)
+    assert [json.loads(line)["step"] for line in open(path)] == [2, 4, 6, 8]  # every line whole, once
+    store.close()
+
+    from booster_jax.pipeline import _curve
+
+    track = str(tmp_path / "track.jsonl")
+    open(track, "w").write('{"step": 2, "harmful_train_loss": 1.0}\n{"step": 4, "harmful_tr')
+    with pytest.warns(UserWarning, match="track.jsonl"):
+        assert _curve(track) == [{"step": 2, "harmful_loss": 1.0, "hs": None}]
+
+
+def test_a_full_disk_stops_with_the_path_and_keeps_the_last_good_checkpoint(tmp_path, built, monkeypatch):
+    frozen, _, step_fn, _, rng = built
+    store = StageStore(str(tmp_path / "s"), keep_last=3, checkpoint_every=5)
+    real_save = store.save
+
+    def save(step, *a, **k):
+        if step == 10:
+            raise ValueError("RESOURCE_EXHAUSTED: Error writing local file: No space left on device")
+        return real_save(step, *a, **k)
+
+    monkeypatch.setattr(store, "save", save)
+    with pytest.raises(BoosterInputError) as e:
+        run_stage(name="tiny", store=store, step_fn=step_fn, frozen=frozen, state=fresh_state(built),
+                  streams=tiny.make_streams(), total_steps=12, rng=rng, run_cfg=run_cfg(5, 5), progress=False,
+                  jit_kwargs=tiny.JIT_KWARGS)
+    msg = str(e.value)
+    assert "the disk is full" in msg and "step 10" in msg and store.steps_dir in msg
+    assert "MiB free" in msg and "a checkpoint takes about" in msg
+    assert f"last good checkpoint is step 5 ({store.step_dir(5)}) and was kept" in msg
+    assert store.all_steps() == [5]
+    store.close()
+
+
+def test_a_shared_cache_dir_waits_for_the_run_writing_it(tmp_path):
+    import threading
+
+    shared = str(tmp_path / "cache" / "warmup" / "fp")
+    os.makedirs(os.path.dirname(shared))
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    json.dump({"pid": sleeper.pid, "host": socket.gethostname(), "started": rundir._start_time(sleeper.pid)},
+              open(shared + ".lock", "w"))
+    threading.Timer(1.0, sleeper.kill).start()  # the other run finishes after a second
+    t0 = time.time()
+    try:
+        with rundir.shared_dir_lock(shared, poll_s=0.1):
+            waited = time.time() - t0
+            assert json.load(open(shared + ".lock"))["pid"] == os.getpid()
+            rundir.claim_stage_dir(shared, "fp")  # the lock beside the directory is not its content
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert waited >= 0.9 and not os.path.exists(shared + ".lock")
+    assert os.listdir(shared) == [rundir.FINGERPRINT]

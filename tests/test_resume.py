@@ -1,11 +1,15 @@
 """A stage killed with SIGKILL mid-run and started again ends bitwise equal to an uninterrupted run."""
 
+import glob
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -101,3 +105,258 @@ def test_sigkill_mid_stage_then_rerun_matches_uninterrupted_run(tmp_path, env):
         rec = json.loads(line)
         if rec["step"] - LOG_EVERY >= resumed_from:
             assert rec["loss"] == ref_lines[rec["step"]]["loss"]
+
+
+# ----------------------------------------------------------------------------- a diverged stage (issue 15)
+
+def _diverging_stage(tmp_path, lr, fingerprint, resume_diverged=False, steps=12):
+    """The tiny model through ``stages.train`` (the pipeline's stage runner), whose loss turns NaN once any
+    LoRA weight has moved more than 0.27 from its start: Adam moves about ``lr`` per step, so lr=0.05
+    diverges at step 7 (after the step-5 checkpoint) and lr=1e-3 never does."""
+    import jax
+    import jax.numpy as jnp
+
+    from booster_jax.config import load_config
+    from booster_jax.methods.base import Forward
+    from booster_jax.models.llama import make_model
+    from booster_jax.models.lora import init_lora
+    from booster_jax.train import stages
+    from tests import resume_worker as tiny
+
+    cfg = load_config(None, [f"align.optim.lr={lr}", "run.checkpoint_every=5", "run.log_every=1",
+                             "run.keep_last=3", f"run.resume_diverged={str(resume_diverged).lower()}"])
+    forward = Forward(make_model(tiny.CFG, tiny.SPEC))
+    lora0 = init_lora(jax.random.key(1), tiny.CFG, tiny.SPEC)
+
+    def poisoned(trainable, frozen, batch, **kw):
+        moved = jnp.max(jnp.stack([jnp.max(jnp.abs(x - y)) for x, y in zip(jax.tree.leaves(trainable),
+                                                                            jax.tree.leaves(lora0))]))
+        return forward(trainable, frozen, batch, **kw) + jnp.where(moved > 0.27, jnp.nan, 0.0)
+
+    frozen, *_ = tiny.build()
+    return stages.train(cfg, "align", "sft", cfg.align.optim, poisoned, frozen["params"], lora0,
+                        tiny.make_streams(), steps, str(tmp_path / "align" / "stage"), fingerprint,
+                        {"stage": "align"}, False, rng_seed=0)
+
+
+def test_nan_stop_says_what_a_rerun_does_and_resume_diverged_continues_with_new_optimizer(tmp_path, capfd):
+    from booster_jax.train.loop import TrainingDivergedError
+    from booster_jax.train.stages import DIVERGED
+
+    stage = tmp_path / "align" / "stage"
+    with pytest.raises(TrainingDivergedError) as e:
+        _diverging_stage(tmp_path, 0.05, "fp-lr0.05")
+    msg = str(e.value)
+    assert "at step 7" in msg and "step 5" in msg
+    assert "with the same settings it resumes from step 5" in msg
+    assert "with changed optimizer settings" in msg and "starts this stage over from step 0" in msg
+    assert "run.resume_diverged=true" in msg
+    assert json.load(open(stage / DIVERGED))["step"] == 5
+
+    # the option: same stage, lower learning rate (another fingerprint), continues from step 5
+    capfd.readouterr()
+    _diverging_stage(tmp_path, 1e-3, "fp-lr0.001", resume_diverged=True)
+    err = capfd.readouterr().err
+    assert "resuming from step 5/12" in err
+    assert json.load(open(stage / "DONE"))["fingerprint"] == "fp-lr0.001"
+    assert not (stage / DIVERGED).exists() and "diverged under fingerprint fp-lr0.05" in (stage / "NOTE.txt").read_text()
+    meta = json.load(open(stage / "final" / "meta.json"))
+    assert meta["summary"]["resumed_from_step"] == 5 and meta["summary"]["steps"] == 12
+    steps = [json.loads(line)["step"] for line in open(stage / "metrics.jsonl")]
+    assert steps == list(range(1, 13))  # 1-5 from the diverged run, 6-12 with the new settings
+
+
+def test_a_diverged_stage_rerun_with_new_optimizer_starts_over_and_keeps_the_old_one(tmp_path, capfd):
+    from booster_jax.train.loop import TrainingDivergedError
+    from booster_jax.train.stages import DIVERGED
+
+    with pytest.raises(TrainingDivergedError):
+        _diverging_stage(tmp_path, 0.05, "fp-lr0.05")
+    capfd.readouterr()
+    _diverging_stage(tmp_path, 1e-3, "fp-lr0.001")  # what the message says: a fresh stage from step 0
+    assert "resuming from step" not in capfd.readouterr().err
+    (old,) = [p for p in os.listdir(tmp_path / "align") if p.startswith("stage.old-")]
+    assert (tmp_path / "align" / old / DIVERGED).exists() and (tmp_path / "align" / old / "steps" / "5").exists()
+    meta = json.load(open(tmp_path / "align" / "stage" / "final" / "meta.json"))
+    assert meta["summary"]["resumed_from_step"] == 0
+
+
+# ----------------------------------------------------------------------------- the command line (issue 15)
+
+SMOKE = os.path.join(ROOT, "configs", "synthetic", "smoke.yaml")
+
+
+def test_empty_output_dir_and_non_utf8_config_are_clear_errors(tmp_path, capsys):
+    import run as cli
+
+    assert cli.main([SMOKE, "run.output_dir=", f"world.dir={tmp_path}/w"]) == 2
+    err = capsys.readouterr().err
+    assert "run.output_dir: expected a non-empty value" in err and "Traceback" not in err
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes("run: {output_dir: r\u00e9sultats}\n".encode("latin-1"))
+    assert cli.main([str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}: not UTF-8 text (byte 0xe9 at offset" in err and "Traceback" not in err
+    assert not os.path.exists(f"{tmp_path}/w")
+
+
+def test_misspelt_command_gets_did_you_mean(capsys):
+    import run as cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["evalute", SMOKE])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown command 'evalute' (did you mean evaluate?)" in err and "expected key=value" not in err
+    with pytest.raises(SystemExit):
+        cli.main(["trian", SMOKE])
+    assert "unknown command 'trian'" in capsys.readouterr().err
+
+
+def test_every_problem_is_reported_at_once(tmp_path, capsys):
+    import jax
+
+    import run as cli
+
+    too_many = jax.device_count() + 1
+    code = cli.main([SMOKE, f"world.dir={tmp_path}/w", "lora.r=0", f"data.alignment_file={tmp_path}/nope.json",
+                     f"mesh.data={too_many}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "3 problems" in err
+    assert "lora.r" in err and f"data.alignment_file: no such file: {tmp_path}/nope.json" in err
+    assert f"mesh.data={too_many}" in err and "available" in err
+    assert not os.path.exists(f"{tmp_path}/w")  # nothing was built
+
+
+def test_a_users_own_directory_is_not_written(tmp_path, capsys):
+    import run as cli
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    for name in ("config.yaml", "report.md", "summaries.json"):
+        (mine / name).write_text("mine\n")
+    assert cli.main([SMOKE, f"world.dir={tmp_path}/w", f"run.output_dir={mine}"]) == 2
+    err = capsys.readouterr().err
+    assert "not a booster-jax run directory" in err and "config.yaml, report.md, summaries.json" in err
+    assert sorted(os.listdir(mine)) == ["config.yaml", "report.md", "summaries.json"]
+    assert all((mine / n).read_text() == "mine\n" for n in os.listdir(mine))
+    assert not os.path.exists(f"{tmp_path}/w")
+
+
+# ----------------------------------------------------------------------------- whole runs (issue 15)
+
+ONE_RUN = ["grid.variants={sft: {align.method: sft}}", "grid.harmful_ratios=[0.1]", "data.n_eval_benign=4", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def smoke_world(tmp_path_factory):
+    from booster_jax.config import load_config
+    from booster_jax.data.synthetic.embedded import pretrain_base
+    from tests.test_pipeline import TINY
+
+    root = tmp_path_factory.mktemp("world15")
+    pretrain_base(load_config(SMOKE, [f"world.dir={root}", f"run.output_dir={root}/pre"]), TINY, progress=False)
+    return str(root)
+
+
+def smoke_cmd(world, out):
+    return [sys.executable, "run.py", SMOKE, f"world.dir={world}", f"run.output_dir={out}", *ONE_RUN]
+
+
+def stage_logs(out):
+    """{relative path: [rows]} of every stage's metrics.jsonl and track.jsonl, without the timing fields."""
+    logs = {}
+    for dirpath, _, names in os.walk(out):
+        for name in names:
+            if name in ("metrics.jsonl", "track.jsonl"):
+                rows = [json.loads(line) for line in open(os.path.join(dirpath, name))]
+                logs[os.path.relpath(os.path.join(dirpath, name), out)] = [
+                    {k: v for k, v in r.items() if k not in ("steps_per_s", "tokens_per_s")} for r in rows]
+    return logs
+
+
+@pytest.fixture(scope="module")
+def solo(smoke_world, tmp_path_factory):
+    out = tmp_path_factory.mktemp("solo") / "run"
+    env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
+    run(smoke_cmd(smoke_world, out), env, timeout=600)
+    return str(out)
+
+
+@pytest.mark.slow
+def test_two_runs_on_one_output_dir_one_refuses_cleanly_and_nothing_is_mixed(smoke_world, solo, tmp_path):
+    out = tmp_path / "shared"
+    env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
+    procs = [subprocess.Popen(smoke_cmd(smoke_world, out), cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [(p.wait(timeout=600), *p.communicate()) for p in procs]
+    codes = sorted(rc for rc, _, _ in results)
+    assert codes == [0, 2], [err[-2000:] for _, _, err in results]
+    loser = next(err for rc, _, err in results if rc == 2)
+    winner_pid = next(p.pid for p, (rc, _, _) in zip(procs, results) if rc == 0)
+    assert re.search(rf"another run \(pid {winner_pid} on host \S+\) is writing {re.escape(str(out))}; wait for it "
+                     r"or use another run.output_dir", loser), loser[-2000:]
+    assert "Traceback" not in loser
+    assert not (out / "run.lock").exists()  # released by the winner
+
+    summary = lambda d: json.load(open(os.path.join(d, "summaries.json")))  # noqa: E731
+    assert summary(out) == summary(solo)
+    assert stage_logs(out) == stage_logs(solo)  # every log line once, as in the solo run
+    done = {p: os.path.getmtime(p) for p in glob.glob(str(out / "*" / "*" / "DONE"))}
+    run(smoke_cmd(smoke_world, out), env, timeout=600)  # a rerun afterwards: reuses all, still the solo result
+    assert {p: os.path.getmtime(p) for p in done} == done
+    assert summary(out) == summary(solo) and stage_logs(out) == stage_logs(solo)
+
+
+@pytest.mark.slow
+def test_damaged_summaries_and_fingerprint_are_redone_never_deleted(smoke_world, solo, tmp_path, capsys):
+    import run as cli
+
+    out = tmp_path / "run"
+    shutil.copytree(solo, out)
+    args = [SMOKE, f"world.dir={smoke_world}", f"run.output_dir={out}", *ONE_RUN]
+    whole = open(out / "summaries.json").read()
+    (out / "summaries.json").write_text(whole[: len(whole) // 2])  # truncated
+    assert cli.main(["report", *args]) == 2
+    err = capsys.readouterr().err
+    assert f"{out}/summaries.json: unreadable (JSONDecodeError" in err and "run the pipeline again" in err
+
+    tag = "sft-s0-p0.1"
+    summary = out / "eval" / tag / "summary.json"
+    summary.write_text(summary.read_text()[:40])
+    (out / "finetune" / tag / "fingerprint").write_bytes(b"\x13garbage\xff")
+    steps = sorted(os.listdir(out / "finetune" / tag / "steps"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert cli.main(args) == 0
+    messages = [str(w.message) for w in caught]
+    assert any(f"{summary}: unreadable evaluation summary" in m for m in messages) or \
+        any("eval/" + tag in m and "moved it aside" in m for m in messages), messages
+    (old,) = glob.glob(str(out / "finetune" / f"{tag}.old-*"))
+    assert sorted(os.listdir(os.path.join(old, "steps"))) == steps  # the good checkpoints are kept
+    assert "unreadable" in open(os.path.join(old, "NOTE.txt")).read()
+    assert any(old in m for m in messages)
+    assert json.load(open(out / "summaries.json")) == json.load(open(os.path.join(solo, "summaries.json")))
+    assert cli.main(["report", *args]) == 0
+
+
+@pytest.mark.slow
+def test_another_config_in_a_finished_run_keeps_the_first_runs_stages(smoke_world, solo, tmp_path):
+    import run as cli
+
+    out = tmp_path / "run"
+    shutil.copytree(solo, out)
+    tag = "sft-s0-p0.1"
+    first_eval = json.load(open(out / "eval" / tag / "summary.json"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert cli.main([SMOKE, f"world.dir={smoke_world}", f"run.output_dir={out}", *ONE_RUN,
+                         "finetune.optim.lr=2e-3"]) == 0
+    (old_ft,) = glob.glob(str(out / "finetune" / f"{tag}.old-*"))
+    (old_eval,) = glob.glob(str(out / "eval" / f"{tag}.old-*"))
+    assert os.path.exists(os.path.join(old_ft, "DONE")) and "another configuration" in open(
+        os.path.join(old_ft, "NOTE.txt")).read()
+    assert json.load(open(os.path.join(old_eval, "summary.json"))) == first_eval
+    assert json.load(open(out / "finetune" / tag / "final" / "meta.json"))["config"]["finetune"]["optim"]["lr"] == 2e-3
+    (old_cfg,) = glob.glob(str(out / "config.yaml.old-*"))
+    assert "0.001" in open(old_cfg).read() and "0.002" in open(out / "config.yaml").read()

@@ -6,11 +6,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from booster_jax import files, rundir
 from booster_jax import fingerprint as fingerprint_mod
 from booster_jax.config import Config
 from booster_jax.data import formats
@@ -129,15 +131,17 @@ def evaluate(cfg: Config, base, forward, frozen, lora, out_dir: str, name: str, 
     """Evaluate one model (frozen params + LoRA); returns the summary (also at ``out_dir/summary.json``)."""
     summary_path = os.path.join(out_dir, "summary.json")
     fp = fingerprint_mod.combine(eval_inputs(cfg, fingerprint))
-    if os.path.exists(summary_path):
-        with open(summary_path) as f:
-            old = json.load(f)
-        if old.get("fingerprint") == fp:
+    if rundir.claim_stage_dir(out_dir, fp):  # the one fingerprint check: another config's dir is moved aside
+        old, why = files.read_json(summary_path)
+        if isinstance(old, dict) and old.get("fingerprint") == fp:
             log.info("evaluation %s: finished, reusing %s", name, summary_path)
             log_result(name, old, summary_path)
             for w in old.get("warnings", []):
                 log.warning("%s", "!" * 20 + " " + w)
             return old
+        if why != "missing":
+            warnings.warn(f"{summary_path}: unreadable evaluation summary ({why or 'not this evaluation'}); "
+                          "redoing the evaluation", UserWarning, stacklevel=2)
     harmful, task = eval_sets(cfg)
     judge = judge or make_judge(cfg)
     tok = base.tokenizer
@@ -177,17 +181,13 @@ def evaluate(cfg: Config, base, forward, frozen, lora, out_dir: str, name: str, 
                          cfg.eval.max_new_tokens_harmful) if benign else []
     refused = refusal_rule(judge)
 
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "samples.jsonl"), "w") as f:
-        for ex, out in zip(benign, benign_out):
-            f.write(json.dumps({"kind": "benign", "prompt": ex.instruction, "response": out,
-                                "refused": refused(out)}) + "\n")
-        for ex, out, v in zip(harmful, harm_out, verdicts):
-            f.write(json.dumps({"kind": "harmful", "prompt": ex.instruction, "response": out,
-                                "flagged": v.flagged, "categories": v.categories}) + "\n")
-        for ex, out, ok in zip(task, task_out, correct):
-            f.write(json.dumps({"kind": "task", "prompt": ex.input or ex.instruction, "response": out,
-                                "reference": ex.output, "correct": ok}) + "\n")
+    rows = [{"kind": "benign", "prompt": ex.instruction, "response": out, "refused": refused(out)}
+            for ex, out in zip(benign, benign_out)]
+    rows += [{"kind": "harmful", "prompt": ex.instruction, "response": out, "flagged": v.flagged,
+              "categories": v.categories} for ex, out, v in zip(harmful, harm_out, verdicts)]
+    rows += [{"kind": "task", "prompt": ex.input or ex.instruction, "response": out, "reference": ex.output,
+              "correct": ok} for ex, out, ok in zip(task, task_out, correct)]
+    files.write_text_atomic(os.path.join(out_dir, "samples.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
     summary = {
         "name": name, "judge": judge.name, "task": cfg.data.task,
         "hs": judges_mod.harmful_score(verdicts) if verdicts else float("nan"),
@@ -202,8 +202,7 @@ def evaluate(cfg: Config, base, forward, frozen, lora, out_dir: str, name: str, 
         "warnings": answer_warnings(cfg.data.task, task_out, name) if correct else [],
         "fingerprint": fp,
     }
-    with open(summary_path, "w") as f:
-        json.dump(summary, f, indent=2)
+    files.write_json_atomic(summary_path, summary, indent=2)  # written last: it marks the evaluation done
     log_result(name, summary, summary_path)
     release_judge(cfg, judge)
     return summary

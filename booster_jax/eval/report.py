@@ -28,6 +28,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from booster_jax import files
 from booster_jax.errors import BoosterInputError
 from booster_jax.eval.judges import judge_note
 
@@ -378,5 +379,5 @@ def write_report(summaries, out_dir) -> Path:
                 "",
             ]
     path = out / "report.md"
-    path.write_text("\n".join(md), encoding="utf-8")
+    files.write_text_atomic(str(path), "\n".join(md))
     return path

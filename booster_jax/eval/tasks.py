@@ -37,6 +37,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
+from booster_jax import files
 from booster_jax.errors import BoosterInputError
 
 RESPONSE_MARKER = "### Response:"
@@ -244,7 +245,5 @@ def write_alpaca_eval_json(
     if not rows:
         raise BoosterInputError("write_alpaca_eval_json: no records to write")
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", encoding="utf-8") as f:
-        json.dump(rows, f, indent=4, ensure_ascii=False)
+    files.write_text_atomic(str(out), json.dumps(rows, indent=4, ensure_ascii=False))
     return out

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from booster_jax import files
 from booster_jax.errors import BoosterInputError
 from booster_jax.models.llama import DTYPES, LlamaConfig, init_params, make_model
 
@@ -227,8 +228,7 @@ def save_params(params: dict, cfg: LlamaConfig, out_dir: str, dtype: str = "floa
     save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
     hf = cfg.to_hf_dict()
     hf["torch_dtype"] = dtype
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(hf, f, indent=2)
+    files.write_json_atomic(os.path.join(out_dir, "config.json"), hf, indent=2)
 
 
 def load_tokenizer(model_dir: str, add_pad_token: bool = True):

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from booster_jax import files
 from booster_jax.errors import BoosterInputError
 from booster_jax.models.llama import LORA_TARGETS, LlamaConfig, LoraSpec
 
@@ -87,8 +88,7 @@ def save_peft(lora: dict, spec: LoraSpec, out_dir: str, base_model: str = "") ->
         "lora_dropout": spec.dropout, "target_modules": list(spec.targets), "bias": "none",
         "fan_in_fan_out": False, "inference_mode": True, "base_model_name_or_path": base_model,
     }
-    with open(os.path.join(out_dir, "adapter_config.json"), "w") as f:
-        json.dump(config, f, indent=2)
+    files.write_json_atomic(os.path.join(out_dir, "adapter_config.json"), config, indent=2)
 
 
 def load_peft(adapter_dir: str, cfg: LlamaConfig) -> tuple[dict, LoraSpec]:

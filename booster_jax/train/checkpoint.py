@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import time
 import warnings
 from typing import Any, Mapping
@@ -35,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from booster_jax import files
 from booster_jax.errors import BoosterInputError
 
 FORMAT_VERSION = 1
@@ -59,21 +61,8 @@ def _barrier(name: str) -> None:
 
 
 def _write_json_atomic(path: str, obj: Any) -> None:
-    """tmp file + fsync + rename: readers see the old file or the whole new one, never half."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(obj, fh, indent=1, sort_keys=True, default=_json_default)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    try:  # make the rename itself durable
-        fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
+    """tmp file + fsync + rename (``booster_jax.files``): readers see the old file or the whole new one."""
+    files.write_json_atomic(path, obj, default=_json_default)
 
 
 def _json_default(o):
@@ -160,6 +149,31 @@ class _Corrupt(Exception):
     pass
 
 
+def _ignore_closed_loop_callbacks() -> None:
+    """After a failed restore, TensorStore's pending reads finish on Orbax's already closed event loop
+    and each prints a ``RuntimeError: Event loop is closed`` traceback (through ``sys.excepthook`` or
+    the unraisable hook; hundreds for one damaged checkpoint). They say nothing beyond the restore
+    error itself, so those two hooks drop exactly that error from now on."""
+    if getattr(sys.excepthook, "_booster_quiet", False):
+        return
+
+    def closed_loop(exc) -> bool:
+        return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+
+    excepthook, unraisablehook = sys.excepthook, sys.unraisablehook
+
+    def quiet_excepthook(tp, value, tb):
+        if not closed_loop(value):
+            excepthook(tp, value, tb)
+
+    def quiet_unraisablehook(unraisable):
+        if not closed_loop(unraisable.exc_value):
+            unraisablehook(unraisable)
+
+    quiet_excepthook._booster_quiet = True
+    sys.excepthook, sys.unraisablehook = quiet_excepthook, quiet_unraisablehook
+
+
 # ---------------------------------------------------------------- the store
 
 class StageStore:
@@ -167,14 +181,15 @@ class StageStore:
 
     ``fingerprint`` (optional): the stage's config fingerprint; it is written into every step
     checkpoint and a checkpoint written under another fingerprint is refused on restore, so a
-    changed config never silently continues an old run (``clear()`` starts the stage over).
+    changed config never silently continues an old run (``clear()`` starts the stage over);
+    ``also_accept``: older fingerprints whose checkpoints this stage may still resume (run.resume_diverged).
     ``checkpoint_every``: save every N steps (0 = only at the end of the stage).
     """
 
     STATE, INFO = "state", "info"
 
     def __init__(self, stage_dir: str, keep_last: int = 2, checkpoint_every: int = 100, *,
-                 fingerprint: str | None = None, async_save: bool = False):
+                 fingerprint: str | None = None, async_save: bool = False, also_accept=()):
         if keep_last < 1:
             raise BoosterInputError(f"run.keep_last: expected a value >= 1, got {keep_last}")
         if checkpoint_every < 0:
@@ -183,6 +198,7 @@ class StageStore:
         self.keep_last = int(keep_last)
         self.checkpoint_every = int(checkpoint_every)
         self.fingerprint = fingerprint
+        self.also_accept = tuple(also_accept)  # older fingerprints whose checkpoints may be resumed
         self.async_save = bool(async_save)
         self._mngr: ocp.CheckpointManager | None = None
 
@@ -314,8 +330,9 @@ class StageStore:
         listing = "; ".join(f"step {s} ({self.step_dir(s)}): {msg}" for s, msg in failures)
         raise BoosterInputError(
             f"{self.steps_dir}: no usable checkpoint; every one failed to restore or verify: {listing}. "
-            "Nothing was deleted. If the model/LoRA/optimizer configuration changed, delete this stage "
-            f"directory ({self.stage_dir}) to re-run the stage; otherwise restore the files from a backup.")
+            f"Nothing was deleted. What you can do: delete the stage directory {self.stage_dir} and rerun, "
+            f"which runs this stage again from step 0; or copy the step checkpoints back from a backup into "
+            f"{self.steps_dir} and rerun, which resumes from them.")
 
     def _restore_step(self, step: int, abstract) -> tuple[Any, dict]:
         try:
@@ -327,7 +344,8 @@ class StageStore:
             raise
         except Exception as e:  # noqa: BLE001 - any read/parse failure means an unusable checkpoint
             raise _Corrupt(f"cannot read its JSON item: {_first_line(e)}") from e
-        if self.fingerprint is not None and record.get("fingerprint") not in (None, self.fingerprint):
+        if self.fingerprint is not None and record.get("fingerprint") not in (None, self.fingerprint,
+                                                                                     *self.also_accept):
             raise BoosterInputError(
                 f"{self.step_dir(step)}: checkpoint was written under config fingerprint "
                 f"{str(record.get('fingerprint'))[:12]}..., this run has {self.fingerprint[:12]}...; the stage's "
@@ -338,6 +356,7 @@ class StageStore:
             state = self.manager.restore(step, args=ocp.args.Composite(**{
                 self.STATE: ocp.args.StandardRestore(abstract)}))[self.STATE]
         except Exception as e:  # noqa: BLE001
+            _ignore_closed_loop_callbacks()
             raise _Corrupt(f"cannot restore the state: {_first_line(e)}") from e
         got = state_checksum(state)
         if got != record["checksum"]:

@@ -12,8 +12,8 @@ saved and the last good checkpoint survives.
 
 from __future__ import annotations
 
-import json
 import os
+import shutil
 import sys
 import time
 from typing import Any, Callable, Mapping
@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from booster_jax import files, rundir
 from booster_jax.errors import BoosterInputError
 from booster_jax.train.checkpoint import StageStore, is_main_process, rng_from_json
 
@@ -55,22 +56,26 @@ def _count_tokens(batches: Mapping[str, Mapping], tokens_key: str | None) -> int
 
 def _trim_metrics_file(path: str, name: str, keep_upto: int) -> None:
     """Drop this stage's lines past the resume point (and a torn last line) so the log has no duplicates."""
-    if not os.path.exists(path):
-        return
-    kept = []
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            if rec.get("stage") == name and int(rec.get("step", 0)) > keep_upto:
-                continue
-            kept.append(json.dumps(rec, sort_keys=True) + "\n")
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.writelines(kept)
-    os.replace(tmp, path)
+    files.trim_jsonl(path, keep=lambda rec: not (rec.get("stage") == name and int(rec.get("step", 0)) > keep_upto))
+
+
+def disk_full_error(name: str, store: StageStore, step: int, e: BaseException,
+                    what: str | None = None) -> BoosterInputError:
+    """The message for a checkpoint save that ran out of space: where, how much, what was kept."""
+    good = store.latest_step()
+    kept = f"step {good} ({store.step_dir(good)})" if good is not None else "none (no checkpoint yet)"
+    need = rundir.dir_size(store.step_dir(good)) if good is not None else 0
+    try:
+        free = shutil.disk_usage(store.stage_dir).free
+    except OSError:
+        free = None
+    return BoosterInputError(
+        f"stage {name!r}: the disk is full: saving "
+        + (what or f"the checkpoint of step {step} under {store.steps_dir}") + " failed "
+        f"({str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__}). "
+        + (f"{free / 2**20:.1f} MiB free there; " if free is not None else "")
+        + (f"a checkpoint takes about {need / 2**20:.1f} MiB. " if need else "")
+        + f"The last good checkpoint is {kept} and was kept; free some space and rerun to resume from it.")
 
 
 def _summary(name, total_steps, start_step, wall_time_s, tokens, last_metrics) -> dict:
@@ -164,7 +169,9 @@ def run_stage(
     if main and metrics_path:
         os.makedirs(os.path.dirname(os.path.abspath(metrics_path)), exist_ok=True)
         _trim_metrics_file(metrics_path, name, start)
-    metrics_fh = open(metrics_path, "a", encoding="utf-8") if (main and metrics_path) else None
+    log_metrics = bool(main and metrics_path)
+    if log_metrics:
+        open(metrics_path, "a").close()  # the log exists from the stage's start, even before its first line
 
     jitted = jax.jit(step_fn, **{"donate_argnums": (1,), **dict(jit_kwargs or {})})
     bar = None
@@ -188,7 +195,12 @@ def run_stage(
                 f"stage {name!r}: non-finite {which} at step {bad_step} (checked at step {step}); stopped "
                 f"without saving. The last good checkpoint is "
                 + (f"step {good} ({store.step_dir(good)})" if good is not None else "none (no checkpoint yet)")
-                + ". Lower the learning rate or check the data, then rerun to resume from it.")
+                + ". Lower the learning rate or check the data. What a rerun does: with the same settings it "
+                + (f"resumes from step {good}" if good is not None else "starts again from step 0")
+                + " and, with the same data and RNG, most likely diverges at the same step again; with changed "
+                "optimizer settings (they are part of the stage's fingerprint) it starts this stage over from "
+                "step 0 in a fresh directory, keeping this one aside; add run.resume_diverged=true to continue "
+                "from the last good checkpoint with the new settings instead.")
 
     try:
         for i in range(start, total_steps):
@@ -216,10 +228,8 @@ def run_stage(
                 dt = max(now - t_window, 1e-9)
                 last_metrics = {k: float(v) / window_n for k, v in sums.items()}
                 rates = {"steps_per_s": window_n / dt, "tokens_per_s": window_tokens / dt}
-                if metrics_fh is not None:
-                    metrics_fh.write(json.dumps({"stage": name, **last_metrics, "step": step, **rates},
-                                                sort_keys=True) + "\n")
-                    metrics_fh.flush()
+                if log_metrics:  # appended and fsynced: a crash tears at most this line
+                    files.append_jsonl(metrics_path, {"stage": name, **last_metrics, "step": step, **rates})
                 if bar is None and main and (step % milestone == 0 or step == total_steps):
                     # No terminal (logs, CI): a line at every tenth of the stage instead of a bar.
                     losses = " ".join(f"{k}={v:.4g}" for k, v in last_metrics.items() if "loss" in k)
@@ -233,9 +243,15 @@ def run_stage(
                 window_n, window_tokens, t_window = 0, 0, now
             if is_ckpt:
                 wall = wall_before + time.perf_counter() - t0
-                store.save(step, state, rng=rng, streams={k: s.state() for k, s in streams.items()},
-                           wall_time_s=wall, info={"stage": name, "tokens": tokens, "last_metrics": last_metrics,
-                                                   "stream_fingerprint": stream_fingerprint})
+                try:
+                    store.save(step, state, rng=rng, streams={k: s.state() for k, s in streams.items()},
+                               wall_time_s=wall, info={"stage": name, "tokens": tokens,
+                                                       "last_metrics": last_metrics,
+                                                       "stream_fingerprint": stream_fingerprint})
+                except Exception as e:  # noqa: BLE001 - only a full disk is turned into a user message
+                    if not rundir.is_disk_full(e):
+                        raise
+                    raise disk_full_error(name, store, step, e) from None
             if bar is not None:
                 bar.update(1)
             if on_step is not None:
@@ -243,12 +259,10 @@ def run_stage(
     finally:
         if bar is not None:
             bar.close()
-        if metrics_fh is not None:
-            metrics_fh.close()
         store.wait()
 
     wall = wall_before + time.perf_counter() - t0
     return state, _summary(name, total_steps, start, wall, tokens, last_metrics)
 
 
-__all__ = ["TrainingDivergedError", "run_stage"]
+__all__ = ["TrainingDivergedError", "disk_full_error", "run_stage"]

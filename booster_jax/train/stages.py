@@ -1,14 +1,17 @@
 """The training stages: align (optionally after an SFT warm start) and fine-tune (the attack).
 
 Each stage is: data -> streams -> the method's pure step -> ``run_stage`` -> an Orbax stage
-directory that the next stage restores. A stage whose ``DONE`` marker matches its config
-fingerprint is not run again; an unfinished one resumes from its last step checkpoint.
+directory that the next stage restores. The stage directory is claimed with its config fingerprint
+(``rundir.claim_stage_dir``, the one check): a finished stage of the same fingerprint is not run
+again, an unfinished one resumes from its last step checkpoint, and a directory of another
+configuration is moved aside and the stage runs afresh.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import json
+import glob
 import logging
 import os
 from typing import Any
@@ -16,7 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from booster_jax import fingerprint, parallel
+from booster_jax import files, fingerprint, parallel, rundir
 from booster_jax.config import BOOSTER_FAMILY, Config, config_fingerprint, config_to_dict
 from booster_jax.data import formats, mixture
 from booster_jax.data.batches import BatchStream
@@ -27,7 +30,7 @@ from booster_jax.models import hf
 from booster_jax.models.llama import LlamaConfig, LoraSpec, make_model
 from booster_jax.models.lora import init_lora, merge_lora
 from booster_jax.train.checkpoint import StageStore
-from booster_jax.train.loop import run_stage
+from booster_jax.train.loop import TrainingDivergedError, disk_full_error, run_stage
 
 log = logging.getLogger(__name__)
 
@@ -197,15 +200,17 @@ def run_align(cfg: Config, base: Base, stage_dir: str, progress: bool = True, ca
     steps = total_steps(cfg.align, streams["align"].steps_per_epoch)
     warm = min(cfg.align.warmup_sft_steps, steps) if cfg.align.method != "sft" else 0
     trainable, opt_state = lora0, None
+    claim_stage(cfg, "align", stage_dir, fp)  # before the warm start writes into it
     if warm:
         # Deviation (documented): a short SFT warm start, its own stage so it resumes and is reused.
         warm_cfg = dataclasses.replace(cfg, align=dataclasses.replace(cfg.align, method="sft", max_steps=warm,
                                                                       warmup_sft_steps=0))
         wfp = warmup_fingerprint(cfg, base, warm)
         warm_dir = os.path.join(cache_dir, "warmup", wfp) if cache_dir else os.path.join(stage_dir, "warmup")
-        warm_state = train(warm_cfg, "align", "sft", cfg.align.optim, forward, base.params, trainable,
-                           {"align": streams["align"]}, warm, warm_dir, wfp, _meta(cfg, base, "align-warmup"),
-                           progress, rng_seed=cfg.run.seed, return_state=True)
+        with rundir.shared_dir_lock(warm_dir) if cache_dir else contextlib.nullcontext():  # other runs wait
+            warm_state = train(warm_cfg, "align", "sft", cfg.align.optim, forward, base.params, trainable,
+                               {"align": streams["align"]}, warm, warm_dir, wfp, _meta(cfg, base, "align-warmup"),
+                               progress, rng_seed=cfg.run.seed, return_state=True)
         trainable = warm_state.trainable
         if cfg.align.warmup_optimizer == "keep":  # AdamW moments and step count carry over to the method
             opt_state = warm_state.opt_state
@@ -219,13 +224,15 @@ def train(cfg: Config, stage: str, method: str, optim_cfg, forward: Forward, fro
           hooks=(), opt_state=None, return_state: bool = False) -> Any:
     """One training stage: reuse a finished one, else (re)start from its last checkpoint; returns the weights.
 
-    A stage directory left by another configuration is cleared (with a warning) rather than resumed.
+    A stage directory left by another configuration is moved aside (``claim_stage``), never reused.
     ``hooks``: (every, fn(state) -> metrics) pairs whose results go to ``track.jsonl``. ``opt_state``: start from
     another stage's optimizer state (the warm start's, with ``align.warmup_optimizer: keep``); ``return_state``:
     return the whole ``TrainState``, not only the weights.
     """
     spec = get_method(method, stage)
-    store = StageStore(stage_dir, cfg.run.keep_last, cfg.run.checkpoint_every, fingerprint=fingerprint)
+    accept = claim_stage(cfg, meta["stage"], stage_dir, fingerprint)
+    store = StageStore(stage_dir, cfg.run.keep_last, cfg.run.checkpoint_every, fingerprint=fingerprint,
+                       also_accept=accept)
     optimizer = make_optimizer(optim_cfg, steps)
     section = getattr(getattr(cfg, stage), spec.config_section) if spec.config_section else None
     extra = spec.init_extra(trainable, frozen, section) if spec.init_extra else ()
@@ -246,52 +253,120 @@ def train(cfg: Config, stage: str, method: str, optim_cfg, forward: Forward, fro
                 streams[k].restore(pos)
         return state if return_state else state.trainable
     log.info("%s:%s: starting, %d steps -> %s", stage, method, steps, stage_dir)
-    _claim(store, fingerprint)
     step_fn = spec.make_step(StepContext(forward, optimizer, section, total_steps=steps))
     step_fn = parallel.shard_activations(step_fn, mesh)  # scale-out: batch-sharded activations (FSDP)
-    state, summary = run_stage(name=f"{stage}:{method}", store=store, step_fn=step_fn, frozen=frozen,
-                               state=state, streams={k: streams[k] for k in spec.streams}, total_steps=steps,
-                               rng=jax.random.key(rng_seed), run_cfg=cfg.run,
-                               metrics_path=os.path.join(stage_dir, "metrics.jsonl"), progress=progress,
-                               tokens_key=spec.streams[0], on_step=_tracker(hooks, stage_dir),
-                               jit_kwargs=parallel.step_jit_kwargs(mesh, frozen, state),  # scale-out
-                               place_batch=parallel.batch_placer(mesh))  # scale-out
+    try:
+        state, summary = run_stage(name=f"{stage}:{method}", store=store, step_fn=step_fn, frozen=frozen,
+                                   state=state, streams={k: streams[k] for k in spec.streams}, total_steps=steps,
+                                   rng=jax.random.key(rng_seed), run_cfg=cfg.run,
+                                   metrics_path=os.path.join(stage_dir, "metrics.jsonl"), progress=progress,
+                                   tokens_key=spec.streams[0], on_step=_tracker(hooks, stage_dir),
+                                   jit_kwargs=parallel.step_jit_kwargs(mesh, frozen, state),  # scale-out
+                                   place_batch=parallel.batch_placer(mesh))  # scale-out
+    except TrainingDivergedError:
+        if jax.process_index() == 0:  # what run.resume_diverged=true looks for
+            files.write_json_atomic(os.path.join(stage_dir, DIVERGED), {
+                "stage": meta["stage"], "fingerprint": fingerprint, "step": store.latest_step(),
+                "config": config_to_dict(cfg)})
+        raise
     padding = {k: round(streams[k].padding_fraction, 4) for k in spec.streams}
     losses = " ".join(f"{k}={v:.4g}" for k, v in summary.get("metrics", {}).items() if "loss" in k)
     log.info("%s:%s finished: %d steps, %s, padding overhead %s (padded tokens / all tokens, per stream)",
              stage, method, steps, losses or "no loss logged", padding)
-    store.save_final(state, {**meta, "summary": {**summary, "padding_fraction": padding},
-                             "streams": {k: streams[k].state() for k in spec.streams}}, fingerprint)
+    try:
+        store.save_final(state, {**meta, "summary": {**summary, "padding_fraction": padding},
+                                 "streams": {k: streams[k].state() for k in spec.streams}}, fingerprint)
+    except Exception as e:  # noqa: BLE001 - only a full disk is turned into a user message
+        if not rundir.is_disk_full(e):
+            raise
+        raise disk_full_error(f"{stage}:{method}", store, steps, e, what=f"the stage output under {store.final_dir}")
     return state if return_state else state.trainable
 
 
-def _claim(store: StageStore, fingerprint: str) -> None:
-    """Mark the stage directory with its config fingerprint; another config's leftovers are cleared."""
-    path = os.path.join(store.stage_dir, "fingerprint")
-    if os.path.exists(path) and open(path).read().strip() != fingerprint:
-        log.warning("%s holds a run of another configuration; clearing it and starting the stage over",
-                    store.stage_dir)
-        store.clear()
-        for name in ("track.jsonl", "metrics.jsonl"):
-            if os.path.exists(os.path.join(store.stage_dir, name)):
-                os.remove(os.path.join(store.stage_dir, name))
-    if jax.process_index() == 0:
-        os.makedirs(store.stage_dir, exist_ok=True)
-        with open(path, "w") as f:
-            f.write(fingerprint)
+DIVERGED = "DIVERGED"  # in a stage dir stopped by a NaN/inf: its fingerprint, config and last good step
+RESUMED_FROM = "resumed_from_fingerprints"  # fingerprints whose checkpoints run.resume_diverged adopted
+
+
+def claim_stage(cfg: Config, label: str, stage_dir: str, fingerprint: str) -> tuple[str, ...]:
+    """Claim ``stage_dir`` for ``fingerprint`` (``rundir.claim_stage_dir``: the one check, the one
+    reaction); returns the older fingerprints whose step checkpoints this stage may resume from.
+
+    With ``run.resume_diverged`` a diverged stage (here or, for fingerprint-named directories, a
+    sibling) whose config differs from this one only in this stage's optimizer settings is adopted:
+    it continues from its last good checkpoint with the new settings.
+    """
+    adopted = _adopt_diverged(cfg, label, stage_dir, fingerprint) if cfg.run.resume_diverged else None
+    rundir.claim_stage_dir(stage_dir, fingerprint)
+    path = os.path.join(stage_dir, RESUMED_FROM)
+    if adopted and jax.process_index() == 0:
+        files.write_text_atomic(path, "\n".join(sorted(set(_read_lines(path)) | {adopted})) + "\n")
+    return tuple(_read_lines(path))
+
+
+def _read_lines(path: str) -> list[str]:
+    return open(path).read().split() if os.path.exists(path) else []
+
+
+def _without_optim(config: dict, label: str) -> dict:
+    config = {k: dict(v) if isinstance(v, dict) else v for k, v in config.items()}
+    section = label.split("-")[0]  # "align-warmup" trains with align.optim too
+    config.get(section, {}).pop("optim", None)
+    config.get("run", {}).pop("resume_diverged", None)
+    return config
+
+
+def _adopt_diverged(cfg: Config, label: str, stage_dir: str, fingerprint: str) -> str | None:
+    """Move a compatible diverged stage into ``stage_dir`` and mark it as this fingerprint's; returns its
+    old fingerprint, or None (with a warning when the option found nothing to resume)."""
+    want = _without_optim(config_to_dict(cfg), label)
+    candidates = [stage_dir] + sorted(d for d in glob.glob(os.path.join(os.path.dirname(stage_dir), "*"))
+                                      if d != stage_dir and ".old-" not in d)
+    for d in candidates:
+        record, _ = files.read_json(os.path.join(d, DIVERGED))
+        if not isinstance(record, dict) or record.get("stage") != label or record.get("fingerprint") == fingerprint:
+            continue
+        if _without_optim(record.get("config", {}), label) != want:
+            continue
+        if jax.process_index() == 0:
+            if d != stage_dir:
+                if os.path.isdir(stage_dir) and os.listdir(stage_dir):
+                    rundir.move_aside(stage_dir, f"replaced by the diverged stage {d}, resumed with "
+                                                 "run.resume_diverged=true")
+                elif os.path.isdir(stage_dir):
+                    os.rmdir(stage_dir)
+                os.replace(d, stage_dir)
+            files.write_text_atomic(os.path.join(stage_dir, rundir.FINGERPRINT), fingerprint)
+            files.write_text_atomic(os.path.join(stage_dir, rundir.NOTE), (
+                f"Resumed with run.resume_diverged=true: this stage diverged under fingerprint "
+                f"{record['fingerprint']} ({d}) and continues from its last good checkpoint (step "
+                f"{record.get('step')}) under fingerprint {fingerprint} with changed optimizer settings.\n"))
+            os.remove(os.path.join(stage_dir, DIVERGED))
+        rundir.barrier("booster_adopt_diverged")
+        log.warning("%s: resuming the diverged stage %s from step %s with the new optimizer settings "
+                    "(run.resume_diverged=true)", stage_dir, d, record.get("step"))
+        return record["fingerprint"]
+    log.warning("%s: run.resume_diverged=true, but no diverged %s stage whose config differs only in its "
+                "optimizer settings was found; the stage runs as usual", stage_dir, label)
+    return None
 
 
 def _tracker(hooks, stage_dir: str):
+    """on_step writing ``track.jsonl`` (appended and fsynced per row). The first call of a (resumed)
+    stage drops rows from that step on, so a resume neither duplicates rows nor keeps a torn one."""
     if not hooks:
         return None
+    path = os.path.join(stage_dir, "track.jsonl")
+    first = []
 
     def on_step(step, state, metrics):
+        if not first and jax.process_index() == 0:
+            files.trim_jsonl(path, keep=lambda row: int(row.get("step", 0)) < step)
+        first.append(step)
         for every, fn in hooks:
             if step % every == 0:
                 row = {"step": step, **fn(state)}
                 if jax.process_index() == 0:
-                    with open(os.path.join(stage_dir, "track.jsonl"), "a") as f:
-                        f.write(json.dumps(row) + "\n")
+                    files.append_jsonl(path, row)
 
     return on_step
 

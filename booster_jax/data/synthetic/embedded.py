@@ -17,6 +17,7 @@ import shutil
 
 import jax
 
+from booster_jax import files
 from booster_jax.config import Config, OptimConfig, apply_overrides
 from booster_jax.errors import BoosterInputError
 
@@ -70,10 +71,9 @@ def world_fingerprint(paths: dict[str, str]) -> str:
 def resolve(cfg: Config, progress: bool = True) -> Config:
     """Fill in the embedded world's files and base model wherever the config leaves them empty."""
     if cfg.model.path:
-        missing = [f"data.{k}" for k in DATA_FIELDS if not getattr(cfg.data, k) and k != "task_eval_file"]
-        if missing:
-            raise BoosterInputError(f"model.path is set ({cfg.model.path}), so the data files must be too; "
-                                    f"missing: {', '.join(missing)}")
+        problems = list(data_file_problems(cfg))
+        if problems:
+            raise BoosterInputError("; ".join(f"{k}: {msg}" for k, msg in problems))
         return cfg
     paths = ensure_world(cfg)
     fills = {"data.alignment_file": paths["alignment"], "data.task_file": paths["task_train"],
@@ -84,6 +84,19 @@ def resolve(cfg: Config, progress: bool = True) -> Config:
         overrides["eval.judge_path"] = paths["judge_vocab"]
     overrides["model.path"] = base_model_dir(cfg, paths, progress)
     return apply_overrides(cfg, overrides)
+
+
+def data_file_problems(cfg: Config):
+    """(key, problem) for each data file the config needs but does not name, or names but is not there.
+    The embedded world (model.path empty) fills the empty ones itself."""
+    from booster_jax.data import formats
+
+    for k in DATA_FIELDS + ("benign_file",):
+        path = getattr(cfg.data, k)
+        if path and formats._looks_local(path) and not os.path.isfile(os.path.expanduser(path)):
+            yield f"data.{k}", f"no such file: {path}"
+        elif not path and cfg.model.path and k not in ("task_eval_file", "benign_file"):
+            yield f"data.{k}", f"model.path is set ({cfg.model.path}), so the data files must be too"
 
 
 def _get(cfg, dotted: str):
@@ -160,9 +173,9 @@ def pretrain_base(cfg: Config, recipe: PretrainRecipe = PretrainRecipe(), out_di
         hf.save_params(state.trainable, llama, out_dir)
         for name in os.listdir(tok_dir):
             shutil.copy(os.path.join(tok_dir, name), out_dir)
-        with open(os.path.join(out_dir, "recipe.json"), "w") as f:
-            json.dump({"recipe": dataclasses.asdict(recipe), "world_seed": cfg.world.seed,
-                       "world_fingerprint": world_fingerprint(paths),
-                       "command": f"python run.py pretrain world.seed={cfg.world.seed}"}, f, indent=2)
+        files.write_json_atomic(os.path.join(out_dir, "recipe.json"), {  # last: it marks the model complete
+            "recipe": dataclasses.asdict(recipe), "world_seed": cfg.world.seed,
+            "world_fingerprint": world_fingerprint(paths),
+            "command": f"python run.py pretrain world.seed={cfg.world.seed}"}, indent=2)
     log.info("base model written to %s", out_dir)
     return out_dir

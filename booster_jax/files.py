@@ -1,0 +1,95 @@
+"""Crash-safe output files: every JSON/YAML/text output is replaced atomically, JSONL logs are appended
+line by line with fsync and read back tolerating a torn last line.
+
+Why: a run can be killed (or the disk fill) at any byte. A reader must then see the old file or the
+whole new one (temp file + fsync + rename), and a per-step log loses at most its last, partial line,
+which the next run drops before appending.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from typing import Any, Callable, Iterable
+
+
+def _fsync_dir(path: str) -> None:
+    """Make a rename in ``path``'s directory durable (best effort: not every filesystem allows it)."""
+    try:
+        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    """tmp file + fsync + rename: readers see the old file or the whole new one, never half."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    _fsync_dir(path)
+
+
+def write_json_atomic(path: str, obj: Any, indent: int | None = 1, default: Callable | None = None) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=indent, sort_keys=True, default=default) + "\n")
+
+
+def write_jsonl_atomic(path: str, rows: Iterable[Any]) -> None:
+    write_text_atomic(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+
+
+def append_jsonl(path: str, row: Any) -> None:
+    """One line appended and fsynced: a crash can tear only this line (``read_jsonl`` drops it)."""
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(row, sort_keys=True) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def read_jsonl(path: str) -> list[Any]:
+    """The rows of a JSONL log; a torn (unparsable or unterminated) last line is dropped with a warning.
+    A damaged line elsewhere is not a crash artefact: it is dropped and reported too."""
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        lines = fh.readlines()
+    rows, bad = [], []
+    for i, line in enumerate(lines):
+        try:
+            if not line.endswith("\n"):
+                raise ValueError("unterminated")
+            rows.append(json.loads(line))
+        except ValueError:
+            bad.append(i + 1)
+    if bad:
+        warnings.warn(f"{path}: dropped unreadable line(s) {bad} (a run stopped while writing it)", stacklevel=2)
+    return rows
+
+
+def trim_jsonl(path: str, keep: Callable[[Any], bool]) -> None:
+    """Rewrite a JSONL log atomically with only the rows ``keep`` accepts (and no torn line)."""
+    if os.path.exists(path):
+        write_jsonl_atomic(path, [r for r in read_jsonl(path) if keep(r)])
+
+
+def read_json(path: str) -> tuple[Any, str | None]:
+    """(object, None) or (None, why it could not be read) -- for callers that redo what is unreadable."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh), None
+    except FileNotFoundError:
+        return None, "missing"
+    except (OSError, ValueError) as e:
+        return None, f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
