@@ -26,7 +26,6 @@ import yaml
 from booster_jax.errors import BoosterInputError
 
 ALIGN_METHODS = ("sft", "booster", "vaccine", "repnoise", "booster_vaccine")
-BOOSTER_FAMILY = ("booster", "booster_vaccine")  # keep training their alignment LoRA
 FINETUNE_METHODS = ("sft", "lisa")
 TASKS = ("sst2", "agnews", "gsm8k", "alpaca")
 JUDGES = ("beaver_dam", "synthetic", "keyword-refusal")
@@ -128,11 +127,6 @@ class AlignConfig:
     benign_mix: float = _f(0.0, NONNEG)
     harmful_batch_size: int = _f(10, POS)
 
-    @property
-    def booster_vaccine(self):
-        """The two sections Booster + Vaccine reads (its ``MethodSpec.config_section``): .booster, .vaccine."""
-        return types.SimpleNamespace(booster=self.booster, vaccine=self.vaccine)
-
 
 @dataclass(frozen=True)
 class FinetuneConfig:
@@ -142,7 +136,7 @@ class FinetuneConfig:
     batch_size: int = _f(10, POS)
     optim: OptimConfig = _f(OptimConfig(lr=1e-5))
     lisa: LisaConfig = _f(LisaConfig())
-    # auto: Booster-family methods continue their alignment LoRA, others merge it
+    # auto: methods that declare it (MethodSpec.continues_lora: Booster, Booster + Vaccine) continue their alignment LoRA, others merge it
     # into the base and train a fresh LoRA (as the official code).
     continue_alignment_lora: str = _f("auto", choices=("auto", "always", "never"))
     # every k steps, the loss on the attack's harmful samples (the paper's Fig. 3); 0 = off

@@ -36,7 +36,6 @@ from booster_jax import parallel
 from booster_jax.errors import BoosterInputError
 
 GB = 1e9
-SCANNED_PASSES = ("booster",)  # methods whose passes are iterations of one lax.scan: one pass's activations live
 
 # config.json fields of well-known hub ids (only what LlamaConfig.from_hf_dict reads); "pad": whether
 # the tokenizer has a pad token (without one the run adds [PAD]: one more embedding row)
@@ -156,7 +155,7 @@ def _compiled_memory(cfg, llama, spec, method, stage, rows, mesh) -> dict:
     """XLA's memory_analysis of the jitted step on abstract, sharded inputs (nothing is allocated)."""
     from jax.sharding import NamedSharding
 
-    from booster_jax.methods.base import Forward, StepContext, get_method, init_state, make_optimizer
+    from booster_jax.methods.base import Forward, StepContext, get_method, init_state, make_optimizer, method_config
     from booster_jax.models.llama import init_params, make_model
     from booster_jax.models.lora import init_lora
 
@@ -164,7 +163,7 @@ def _compiled_memory(cfg, llama, spec, method, stage, rows, mesh) -> dict:
     stage_cfg = getattr(cfg, stage)
     optimizer = make_optimizer(stage_cfg.optim, 1000)
     model = make_model(llama, spec, cfg.model.dtype, cfg.model.param_dtype, deterministic=cfg.lora.dropout == 0)
-    section = getattr(stage_cfg, ms.config_section) if ms.config_section else None
+    section = method_config(ms, stage_cfg)
     params = jax.eval_shape(lambda: init_params(model, jax.random.key(0)))
     lora = jax.eval_shape(lambda: init_lora(jax.random.key(0), llama, spec))
     extra = jax.eval_shape(lambda: ms.init_extra(lora, params, section)) if ms.init_extra else ()
@@ -198,7 +197,7 @@ def _compiled_memory(cfg, llama, spec, method, stage, rows, mesh) -> dict:
 
 def make_plan(cfg) -> dict:
     """The plan as a dict (``print_plan`` formats it)."""
-    from booster_jax.methods.base import init_state, make_optimizer
+    from booster_jax.methods.base import get_method, init_state, make_optimizer
     from booster_jax.models.llama import DTYPES, LoraSpec, init_params, make_model
     from booster_jax.models.lora import init_lora
 
@@ -241,21 +240,22 @@ def make_plan(cfg) -> dict:
     if cfg.plan.compile and devices <= local:
         mesh = parallel.make_mesh(cfg.mesh, devices=jax.devices()[:devices])
     for label, method, stage, rows in _steps_for(cfg):
-        # gradient-sized LoRA trees alive at the peak: SFT g and the update; Booster g1, w', g2, g3, g, update
-        n_grad_trees = 6 if method.startswith("booster") else 2
+        ms = get_method(method, stage)
+        # gradient-sized LoRA trees alive at the peak (MethodSpec.gradient_trees): SFT g and the update;
+        # Booster g1, w', g2, g3, g, update
+        n_grad_trees = ms.gradient_trees
         act = max(activation_bytes(llama, -(-parallel.padded_batch(n, sizes) // parallel.batch_shards(sizes)),
                                    cfg.data.max_length, c, sizes["tensor"], cfg.lora.r, len(cfg.lora.targets))
                   for n in rows.values())  # the passes run one after another: the largest batch counts
         est = dict(per_device, gradients=n_grad_trees * lora_local, activations=act)
         est["total"] = sum(est.values())
         entry = {"label": label, "rows": rows, "estimate": est}
-        if (len(rows) > 1 or method.startswith("booster")) and method not in SCANNED_PASSES:
+        if ms.passes > 1 and not ms.scanned_passes:
             # Measured (benchmarks/bench_memory.py, XLA CPU): the scan residual buffers of every pass are
             # allocated at the start of the step, so a multi-pass step written as plain calls can hold all
-            # its passes' activations (Booster runs its passes as one lax.scan and does not).
-            n_pass = 3 if method.startswith("booster") else len(rows)
-            entry["all_passes_total"] = est["total"] + (n_pass - 1) * act
-            entry["passes"] = n_pass
+            # its passes' activations (the Booster pass engine runs them as one lax.scan and does not).
+            entry["all_passes_total"] = est["total"] + (ms.passes - 1) * act
+            entry["passes"] = ms.passes
         if mesh is not None:
             try:
                 entry["compiled"] = _compiled_memory(cfg, llama, spec, method, stage, rows, mesh)

@@ -220,4 +220,4 @@ def make_repnoise_step(ctx: StepContext):
 
 
 REPNOISE = register(MethodSpec(name="repnoise", stage="align", streams=("align", "harmful"),
-                               make_step=make_repnoise_step, config_section="repnoise"))
+                               make_step=make_repnoise_step, config_section="repnoise", passes=2))

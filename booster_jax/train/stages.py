@@ -18,11 +18,11 @@ import jax
 import jax.numpy as jnp
 
 from booster_jax import parallel
-from booster_jax.config import BOOSTER_FAMILY, Config, config_fingerprint, config_to_dict
+from booster_jax.config import Config, config_fingerprint, config_to_dict
 from booster_jax.data import formats, mixture
 from booster_jax.data.batches import BatchStream
 from booster_jax.data.template import tokenize_examples
-from booster_jax.methods.base import Forward, StepContext, get_method, init_state, make_optimizer
+from booster_jax.methods.base import Forward, StepContext, get_method, init_state, make_optimizer, method_config
 from booster_jax.models import hf
 from booster_jax.models.llama import LlamaConfig, LoraSpec, make_model
 from booster_jax.models.lora import init_lora, merge_lora
@@ -125,7 +125,7 @@ def run_align(cfg: Config, base: Base, stage_dir: str, progress: bool = True) ->
                "harmful": stream(tok_harm.items, cfg.align.harmful_batch_size, cfg.run.seed + 1, cfg,
                                  base.tokenizer, infinite=True)}
     steps = total_steps(cfg.align, streams["align"].steps_per_epoch)
-    warm = min(cfg.align.warmup_sft_steps, steps) if cfg.align.method != "sft" else 0
+    warm = min(cfg.align.warmup_sft_steps, steps) if get_method(cfg.align.method, "align").sft_warm_start else 0
     trainable = lora0
     if warm:
         # Deviation (documented): a short SFT warm start, its own stage so it resumes and is reused.
@@ -150,7 +150,7 @@ def train(cfg: Config, stage: str, method: str, optim_cfg, forward: Forward, fro
     spec = get_method(method, stage)
     store = StageStore(stage_dir, cfg.run.keep_last, cfg.run.checkpoint_every, fingerprint=fingerprint)
     optimizer = make_optimizer(optim_cfg, steps)
-    section = getattr(getattr(cfg, stage), spec.config_section) if spec.config_section else None
+    section = method_config(spec, getattr(cfg, stage))
     extra = spec.init_extra(trainable, frozen, section) if spec.init_extra else ()
     state = init_state(trainable, optimizer, extra)
     # --- scale-out (booster_jax.parallel): frozen weights and state on the mesh (restores land there too)
@@ -217,7 +217,7 @@ def _meta(cfg: Config, base: Base, stage: str) -> dict:
 
 def continues_alignment_lora(cfg: Config) -> bool:
     mode = cfg.finetune.continue_alignment_lora
-    return mode == "always" or (mode == "auto" and cfg.align.method in BOOSTER_FAMILY)
+    return mode == "always" or (mode == "auto" and get_method(cfg.align.method, "align").continues_lora)
 
 
 def finetune_examples(cfg: Config, tokenizer):
@@ -253,7 +253,7 @@ def run_finetune(cfg: Config, base: Base, align_lora, align_fp: str, stage_dir: 
     log.info("fine-tuning data: %d harmful + %d benign; %s", mix.n_harmful, mix.n_benign, tok.summary())
     streams = {"task": stream(tok.items, cfg.finetune.batch_size, cfg.run.seed + 2, cfg, base.tokenizer)}
     forward = forward_for(cfg, base)
-    if "align" in get_method(cfg.finetune.method, "finetune").streams:  # Lisa reads alignment data too
+    if "align" in get_method(cfg.finetune.method, "finetune").streams:  # the method reads alignment data too
         tok_align, _ = alignment_examples(cfg, base.tokenizer)
         streams["align"] = stream(tok_align.items, cfg.align.batch_size, cfg.run.seed + 3, cfg, base.tokenizer,
                                   infinite=True)
