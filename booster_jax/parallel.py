@@ -229,25 +229,13 @@ def tree_specs(tree, mesh: Mesh | Mapping[str, int]):
 
 
 def tree_shardings(mesh: Mesh, tree):
-    """NamedSharding per leaf by the logical rules of its key path (unknown leaves: replicated)."""
+    """NamedSharding per leaf by the logical rules of its key path (unknown leaves: replicated).
+
+    One function for every tree: base params, the LoRA tree and a whole ``TrainState`` (every
+    optimizer moment and extra tree shards like its parameter, matched by key path; scalars are
+    replicated)."""
     return jax.tree_util.tree_map_with_path(
         lambda path, x: NamedSharding(mesh, spec_for(_names(path), np.shape(x), mesh)), tree)
-
-
-def param_shardings(mesh: Mesh, params_shapes):
-    """Base parameters (arrays or ``jax.eval_shape`` output) -> NamedShardings."""
-    return tree_shardings(mesh, params_shapes)
-
-
-def lora_shardings(mesh: Mesh, lora_shapes):
-    """LoRA tree ``{"layers": {block: {proj: {"a", "b"}}}}`` -> NamedShardings consistent with the base."""
-    return tree_shardings(mesh, lora_shapes)
-
-
-def state_shardings(mesh: Mesh, state_shapes):
-    """A ``TrainState`` (trainable, opt_state, step, extra) -> NamedShardings: every optimizer moment and
-    extra tree shards like its parameter (matched by key path), scalars are replicated."""
-    return tree_shardings(mesh, state_shapes)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -362,8 +350,8 @@ def step_jit_kwargs(mesh: Mesh, frozen, state) -> dict:
     explicit in/out shardings (frozen and state by the rules, batches over the batch axes, the RNG
     key and the metrics replicated). The state's out sharding equals its in sharding, so the
     donated buffers are reused."""
-    state_sh = state_shardings(mesh, state)
-    frozen_sh = None if frozen is None else param_shardings(mesh, frozen)
+    state_sh = tree_shardings(mesh, state)
+    frozen_sh = None if frozen is None else tree_shardings(mesh, frozen)
     rep = replicated(mesh)
     return {"in_shardings": (frozen_sh, state_sh, batch_sharding(mesh), rep),
             "out_shardings": (state_sh, rep)}

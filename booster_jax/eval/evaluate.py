@@ -23,10 +23,6 @@ from booster_jax.methods.base import lm_loss
 
 log = logging.getLogger(__name__)
 
-TASK_READERS = {"sst2": formats.read_sst2, "agnews": formats.read_agnews, "gsm8k": formats.read_gsm8k,
-                "alpaca": formats.read_instructions}
-
-
 def make_judge(cfg: Config):
     import booster_jax.data.synthetic.judge  # noqa: F401  (registers "synthetic")
 
@@ -48,7 +44,7 @@ def eval_sets(cfg: Config) -> tuple[list[Example], list[Example]]:
     """(harmful prompts, task examples), checked before any generation starts."""
     harmful = list(formats.read_beavertails_eval_prompts(cfg.data.eval_harmful_file, n=cfg.data.n_eval_harmful,
                                                          split=None, allow_fewer=True))
-    task = list(TASK_READERS[cfg.data.task](cfg.data.task_eval_file or cfg.data.task_file, n=cfg.data.n_eval_task,
+    task = list(formats.READERS[cfg.data.task](cfg.data.task_eval_file or cfg.data.task_file, n=cfg.data.n_eval_task,
                                             allow_fewer=True))
     if cfg.data.n_eval_harmful and not harmful:
         raise BoosterInputError(f"{cfg.data.eval_harmful_file}: no unsafe prompts to evaluate")

@@ -229,9 +229,7 @@ def finetune_examples(cfg: Config, tokenizer):
 
 
 def task_train_examples(cfg: Config):
-    reader = {"sst2": formats.read_sst2, "agnews": formats.read_agnews, "gsm8k": formats.read_gsm8k,
-              "alpaca": formats.read_instructions}[cfg.data.task]
-    return reader(cfg.data.task_file, skip_bad_rows=cfg.data.skip_bad_rows)
+    return formats.READERS[cfg.data.task](cfg.data.task_file, skip_bad_rows=cfg.data.skip_bad_rows)
 
 
 def finetune_weights(cfg: Config, base: Base, align_lora) -> tuple[Any, Any]:
