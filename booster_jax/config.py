@@ -161,6 +161,10 @@ class DataConfig:
     n_eval_benign: int = _f(200, NONNEG)  # safe prompts of the eval file: the over-refusal rate
     max_length: int = _f(256, POS)
     bucket_lengths: list[int] = _f([64, 128, 256], POS, nonempty=True)
+    # less padding (both off = the official random sampler; data/batches.py says what each changes):
+    group_by_length: bool = False  # HF group_by_length: batches of similar lengths, same examples per step
+    pack: bool = False  # pack the fine-tuning (task) stream's examples into rows of pack_length tokens
+    pack_length: int = _f(0, NONNEG)  # 0 = the largest bucket
     skip_bad_rows: bool = False
     benign_file: str = ""  # instruction file for align.benign_mix
     seed: int = 42
@@ -380,6 +384,9 @@ def _cross_checks(cfg: Config, probs: _Problems) -> None:
     d = cfg.data
     if d.align_start >= d.align_end and not {"data.align_start", "data.align_end"} & probs.keys:
         probs.add("data.align_start", f"expected < data.align_end ({d.align_end}), got {d.align_start}")
+    if d.pack and d.pack_length and d.pack_length < max(d.bucket_lengths):
+        probs.add("data.pack_length", f"expected 0 or >= the largest bucket ({max(d.bucket_lengths)}): a packed row "
+                  f"must hold any example, got {d.pack_length}")
     if len(set(cfg.lora.targets)) != len(cfg.lora.targets):
         probs.add("lora.targets", f"expected no duplicates, got {cfg.lora.targets}")
     for name, ov in cfg.grid.variants.items():

@@ -41,7 +41,7 @@ class Forward:
         """``rng``: the dropout key, needed only when the model is built with ``deterministic=False``."""
         params, lora = (frozen, trainable) if self.trainable_is_lora else (trainable, None)
         return self.model.apply(variables(params, lora, **collections), batch["input_ids"],
-                                batch["attention_mask"], output=output,
+                                batch["attention_mask"], positions=batch.get("positions"), output=output,
                                 rngs=None if rng is None else {"dropout": rng})
 
 

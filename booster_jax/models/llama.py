@@ -262,6 +262,12 @@ class Attention(nn.Module):
         if cfg.sliding_window:
             allowed &= key_slots[None, :] > query_slots[:, None] - cfg.sliding_window
         allowed = allowed[None, None] & key_valid[:, None, None, :].astype(bool)  # [B, 1, T, S]
+        if not self.has_variable("cache", "k"):
+            # Packed rows: key_valid holds segment ids (1, 2, ...; 0 = padding) and a token attends within
+            # its own segment; with a 0/1 mask this is the mask above (padding queries keep attending).
+            seg = key_valid.astype(jnp.int32)
+            same = (seg[:, :, None] == seg[:, None, :]) | (seg[:, :, None] == 0)
+            allowed &= same[:, None]
 
         groups = cfg.num_heads // cfg.num_kv_heads
         qg = q.reshape(b, t, cfg.num_kv_heads, groups, cfg.head_dim)

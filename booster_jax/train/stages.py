@@ -82,9 +82,17 @@ def forward_for(cfg: Config, base: Base) -> Forward:
     return Forward(model)
 
 
-def stream(items, batch_size: int, seed: int, cfg: Config, tokenizer, infinite: bool = False) -> BatchStream:
+def stream(items, batch_size: int, seed: int, cfg: Config, tokenizer, infinite: bool = False,
+           pack: bool = False) -> BatchStream:
     return BatchStream(items, batch_size, seed=seed, pad_id=tokenizer.pad_token_id,
-                       buckets=cfg.data.bucket_lengths, infinite=infinite)
+                       buckets=cfg.data.bucket_lengths, infinite=infinite,
+                       group_by_length=cfg.data.group_by_length, pack=pack,
+                       pack_length=cfg.data.pack_length if pack else 0)
+
+
+def batching_sections(cfg: Config, *names: str) -> list[str]:
+    """The batching options among ``names`` that are on (off ones leave older fingerprints unchanged)."""
+    return [f"data.{n}" for n in names if getattr(cfg.data, n)]
 
 
 def total_steps(stage_cfg, steps_per_epoch: int) -> int:
@@ -109,7 +117,7 @@ def alignment_examples(cfg: Config, tokenizer):
 def align_fingerprint(cfg: Config, base: Base) -> str:
     sections = ["lora", "data.alignment_file", "data.align_start", "data.align_end", "data.max_length",
                 "data.bucket_lengths", "data.benign_file", "data.seed", "align", "run.seed", "model.dtype",
-                "model.param_dtype", "model.add_pad_token"]
+                "model.param_dtype", "model.add_pad_token"] + batching_sections(cfg, "group_by_length")
     return hashlib.sha256((base.fingerprint + config_fingerprint(cfg, sections)).encode()).hexdigest()[:16]
 
 
@@ -245,11 +253,12 @@ def run_finetune(cfg: Config, base: Base, align_lora, align_fp: str, stage_dir: 
     """The attack: n user samples with a fraction p harmful. Returns (frozen, fine-tuned LoRA)."""
     fp = hashlib.sha256((align_fp + config_fingerprint(
         cfg, ["finetune", "data.task", "data.task_file", "data.n_finetune", "data.harmful_ratio", "data.seed",
-              "run.seed"])).encode()).hexdigest()[:16]
+              "run.seed"] + batching_sections(cfg, "group_by_length", "pack", "pack_length"))).encode()).hexdigest()[:16]
     frozen, trainable = finetune_weights(cfg, base, align_lora)
     mix, tok = finetune_examples(cfg, base.tokenizer)
     log.info("fine-tuning data: %d harmful + %d benign; %s", mix.n_harmful, mix.n_benign, tok.summary())
-    streams = {"task": stream(tok.items, cfg.finetune.batch_size, cfg.run.seed + 2, cfg, base.tokenizer)}
+    streams = {"task": stream(tok.items, cfg.finetune.batch_size, cfg.run.seed + 2, cfg, base.tokenizer,
+                              pack=cfg.data.pack)}
     forward = forward_for(cfg, base)
     if "align" in get_method(cfg.finetune.method, "finetune").streams:  # the method reads alignment data too
         tok_align, _ = alignment_examples(cfg, base.tokenizer)
