@@ -57,6 +57,9 @@ class ModelConfig:
     param_dtype: str = _f("bfloat16", choices=DTYPES)
     add_pad_token: bool = True  # add [PAD], new embedding rows = mean (official code)
     scan_layers: bool = True
+    # what the backward pass keeps of each layer: none (everything), full (recompute each layer),
+    # dots (keep the projections' outputs, recompute the rest); booster_jax/models/llama.py REMAT_POLICIES
+    remat: str = _f("none", choices=("none", "full", "dots"))
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,9 @@ one (``plan.devices=8 plan.device_memory_gb=16``). The architecture is read from
 directory's ``config.json``, or from a built-in table for well-known hub ids (so a 7B run can be
 planned on a laptop without downloading anything).
 
-Activations are an analytic estimate of what the backward pass keeps (layers are scanned without
-rematerialisation, so every layer's residuals live until its backward):
+Activations are an analytic estimate of what the backward pass keeps (with ``model.remat=none``
+every layer's residuals live until its backward; ``full`` and ``dots`` keep less and recompute the
+rest, see ``activation_bytes``; the plan prints all three):
 
     per layer and token:  6 D (x, norms, residuals, o_proj)  +  q, k, v and the roped q, k
                           + 4 F (gate, up, silu, product)     +  2 r per adapted projection
@@ -122,8 +123,13 @@ def _local_bytes(tree, sizes: dict[str, int]) -> int:
 
 
 def activation_bytes(llama, rows: int, length: int, compute_bytes: int, tensor: int, lora_r: int,
-                     n_adapted: int) -> int:
-    """The analytic estimate of the activations one device keeps for the backward pass (see the module doc)."""
+                     n_adapted: int, remat: str = "none") -> int:
+    """The analytic estimate of the activations one device keeps for the backward pass (see the module doc).
+
+    ``remat`` (``model.remat``): "none" keeps every layer's activations; "full" keeps each layer's input
+    (D per token) plus one layer's activations, recomputed during its backward; "dots" keeps each layer's
+    input and its matmul outputs (q, k, v, o, gate, up, down and the LoRA products) plus one layer's rest.
+    """
     def split(n):  # a dimension the tensor axis shards when it divides it
         return n // tensor if n % tensor == 0 else n
 
@@ -134,7 +140,10 @@ def activation_bytes(llama, rows: int, length: int, compute_bytes: int, tensor: 
         + h * length * (4 + 4 + c)
     per_token_head = llama.vocab_size * (c + 4 + 4)
     tokens = rows * length
-    return tokens * (llama.num_layers * per_token_layer + per_token_head)
+    kept = {"none": per_token_layer, "full": d * c,
+            "dots": (4 * d + h * hd + 2 * kv * hd + 2 * f + 2 * lora_r * n_adapted) * c}[remat]
+    recomputed = 0 if remat == "none" else per_token_layer  # the layer whose backward is running
+    return tokens * (llama.num_layers * kept + recomputed + per_token_head)
 
 
 def _steps_for(cfg):
@@ -162,7 +171,8 @@ def _compiled_memory(cfg, llama, spec, method, stage, rows, mesh) -> dict:
     ms = get_method(method, stage)
     stage_cfg = getattr(cfg, stage)
     optimizer = make_optimizer(stage_cfg.optim, 1000)
-    model = make_model(llama, spec, cfg.model.dtype, cfg.model.param_dtype, deterministic=cfg.lora.dropout == 0)
+    model = make_model(llama, spec, cfg.model.dtype, cfg.model.param_dtype, deterministic=cfg.lora.dropout == 0,
+                       remat=cfg.model.remat)
     section = method_config(ms, stage_cfg)
     params = jax.eval_shape(lambda: init_params(model, jax.random.key(0)))
     lora = jax.eval_shape(lambda: init_lora(jax.random.key(0), llama, spec))
@@ -244,12 +254,16 @@ def make_plan(cfg) -> dict:
         # gradient-sized LoRA trees alive at the peak (MethodSpec.gradient_trees): SFT g and the update;
         # Booster g1, w', g2, g3, g, update
         n_grad_trees = ms.gradient_trees
-        act = max(activation_bytes(llama, -(-parallel.padded_batch(n, sizes) // parallel.batch_shards(sizes)),
-                                   cfg.data.max_length, c, sizes["tensor"], cfg.lora.r, len(cfg.lora.targets))
-                  for n in rows.values())  # the passes run one after another: the largest batch counts
+        def act_for(remat):  # the passes run one after another: the largest batch counts
+            return max(activation_bytes(llama, -(-parallel.padded_batch(n, sizes) // parallel.batch_shards(sizes)),
+                                        cfg.data.max_length, c, sizes["tensor"], cfg.lora.r, len(cfg.lora.targets),
+                                        remat) for n in rows.values())
+
+        act = act_for(cfg.model.remat)
         est = dict(per_device, gradients=n_grad_trees * lora_local, activations=act)
         est["total"] = sum(est.values())
-        entry = {"label": label, "rows": rows, "estimate": est}
+        entry = {"label": label, "rows": rows, "estimate": est,
+                 "activations_by_remat": {r: act_for(r) for r in ("none", "full", "dots")}}
         if ms.passes > 1 and not ms.scanned_passes:
             # Measured (benchmarks/bench_memory.py, XLA CPU): the scan residual buffers of every pass are
             # allocated at the start of the step, so a multi-pass step written as plain calls can hold all
@@ -300,7 +314,10 @@ def print_plan(cfg) -> dict:
         lines.append(f"\n{s['label']}  (rows per stream: {s['rows']})   per device:")
         for k in ("base_params", "gathered_weights", "lora", "optimizer", "gradients", "activations", "total"):
             if k in e:
-                lines.append(f"  {k:<17}{_gb(e[k])}")
+                lines.append(f"  {k:<17}{_gb(e[k])}" + (f"   (model.remat={cfg.model.remat})" if k == "activations" else ""))
+        by = s["activations_by_remat"]
+        lines.append("  activations by model.remat: " + ", ".join(
+            f"{r} {by[r] / GB:.2f} GB" for r in ("none", "dots", "full")))
         if "compiled" in s and s["compiled"]:
             m = s["compiled"]
             lines.append(f"  compiled ({m['backend']}): arguments {m['argument'] / GB:.2f} GB, outputs "

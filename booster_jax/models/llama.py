@@ -28,6 +28,13 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
+# model.remat: what the backward pass keeps of each scanned layer (jax.checkpoint policies). "none" keeps
+# every activation; "full" keeps the layer's input and recomputes the layer in the backward pass;
+# "dots" keeps the outputs of the matmuls without batch dimensions (the projections) and recomputes the
+# rest (norms, RoPE, attention scores and softmax, SiLU).
+REMAT_POLICIES = {"none": None, "full": jax.checkpoint_policies.nothing_saveable,
+                  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
@@ -332,6 +339,7 @@ class Llama(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     deterministic: bool = True
+    remat: str = "none"  # REMAT_POLICIES
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, positions=None, cache_index=0, output="logits"):
@@ -344,8 +352,13 @@ class Llama(nn.Module):
         embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
                          embedding_init=nn.initializers.normal(0.02), name="embed_tokens")
         x = embed(input_ids)
+        if self.remat not in REMAT_POLICIES:
+            raise BoosterInputError(f"model.remat {self.remat!r}: expected one of {tuple(REMAT_POLICIES)}")
+        layer = DecoderLayer
+        if self.remat != "none":  # inside the scan: each layer's backward recomputes what the policy drops
+            layer = nn.remat(DecoderLayer, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
         layers = nn.scan(
-            DecoderLayer,
+            layer,
             variable_axes={"params": 0, "lora": 0, "probe": 0, "cache": 0},
             split_rngs={"params": True, "dropout": True},
             in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
@@ -367,8 +380,8 @@ class Llama(nn.Module):
 
 
 def make_model(cfg: LlamaConfig, lora: LoraSpec = LoraSpec(), dtype: str = "float32",
-               param_dtype: str = "float32", deterministic: bool = True) -> Llama:
-    return Llama(cfg, lora, DTYPES[dtype], DTYPES[param_dtype], deterministic)
+               param_dtype: str = "float32", deterministic: bool = True, remat: str = "none") -> Llama:
+    return Llama(cfg, lora, DTYPES[dtype], DTYPES[param_dtype], deterministic, remat)
 
 
 def variables(params, lora=None, **extra) -> dict:
