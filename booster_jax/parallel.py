@@ -171,7 +171,8 @@ def _names(path) -> tuple[str, ...]:
 
 
 def logical_axes(keys: Sequence[str], ndim: int) -> tuple[str | None, ...] | None:
-    """Logical names of a parameter's dimensions from its key path, or None (replicated).
+    """Logical names of a parameter's dimensions from its key path; None for a leaf outside any model root
+    (step counters, scalars: replicated). A path under a model root that no rule matches is an error.
 
     The path may carry any prefix (optimizer state, ``{"params": ...}``); the parameter path
     starts at the first model root key.
@@ -188,6 +189,8 @@ def logical_axes(keys: Sequence[str], ndim: int) -> tuple[str | None, ...] | Non
         axes = ("embed", "vocab")
     elif k[:2] == ("score", "kernel"):
         axes = ("embed", None)
+    elif k == ("norm", "scale"):
+        axes = (None,)
     elif k[0] == "layers" and len(k) >= 3 and k[-1] == "scale":
         axes = ("layers", None)
     elif k[0] == "layers" and len(k) >= 4 and k[2] in PROJ_AXES:
@@ -195,7 +198,10 @@ def logical_axes(keys: Sequence[str], ndim: int) -> tuple[str | None, ...] | Non
         axes = {"kernel": ("layers", in_ax, out_ax), "bias": ("layers", out_ax),
                 "a": ("layers", in_ax, "lora_rank"), "b": ("layers", "lora_rank", out_ax)}.get(k[3])
     if axes is None or len(axes) != ndim:
-        return None
+        # a silent replica of a new parameter would only show as memory on a pod: say so now
+        raise BoosterInputError(
+            f"parameter {'/'.join(k)} ({ndim}-d): no sharding rule matches it; declare its logical axes "
+            "(booster_jax/models/llama.py PROJECTIONS for a projection, parallel.logical_axes otherwise)")
     return axes
 
 

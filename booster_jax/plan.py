@@ -122,6 +122,29 @@ def _local_bytes(tree, sizes: dict[str, int]) -> int:
     return total
 
 
+SHARD_THRESHOLD = 0.01  # a parameter holding more than this fraction of the base must be sharded on a pod
+
+
+def check_sufficiently_sharded(params, sizes: dict[str, int]) -> None:
+    """On a mesh with fsdp or tensor > 1, every base parameter above ``SHARD_THRESHOLD`` of the model must be
+    split across devices (MaxText's ``assert_params_sufficiently_sharded``): a whole copy on every device is a
+    rule that does not apply (an axis the mesh does not divide) and costs its size on every chip."""
+    if sizes.get("fsdp", 1) * sizes.get("tensor", 1) == 1:
+        return
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    total = sum(math.prod(x.shape) for _, x in leaves)
+    whole = []
+    for path, x in leaves:
+        spec = parallel.spec_for(parallel._names(path), x.shape, sizes)
+        split = math.prod(sizes[a] for ax in spec if ax is not None for a in (ax if isinstance(ax, tuple) else (ax,)))
+        if split == 1 and math.prod(x.shape) > SHARD_THRESHOLD * total:
+            whole.append(f"{'/'.join(parallel._names(path))} {list(x.shape)}")
+    if whole:
+        raise BoosterInputError(
+            f"mesh {sizes}: these parameters would be replicated whole on every device (no dimension divides "
+            f"its mesh axis): {'; '.join(whole)}. Change mesh.fsdp / mesh.tensor so that their sizes divide")
+
+
 def activation_bytes(llama, rows: int, length: int, compute_bytes: int, tensor: int, lora_r: int,
                      n_adapted: int, remat: str = "none") -> int:
     """The analytic estimate of the activations one device keeps for the backward pass (see the module doc).
@@ -223,6 +246,7 @@ def make_plan(cfg) -> dict:
     params = jax.eval_shape(lambda: init_params(model, jax.random.key(0)))
     lora = jax.eval_shape(lambda: init_lora(jax.random.key(0), llama, spec))
     opt = jax.eval_shape(lambda: init_state(lora, make_optimizer(cfg.align.optim, 1000)).opt_state)
+    check_sufficiently_sharded(params, sizes)
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
     n_lora = sum(math.prod(x.shape) for x in jax.tree.leaves(lora))
     c = np.dtype(DTYPES[cfg.model.dtype]).itemsize

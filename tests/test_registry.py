@@ -4,6 +4,8 @@ tests a method's name; the declarations are what the stages and the planner read
 import os
 import re
 
+import numpy as np
+
 from booster_jax.config import ALIGN_METHODS, FINETUNE_METHODS, load_config
 from booster_jax.methods.base import METHODS, get_method, method_config
 from booster_jax.train.stages import continues_alignment_lora
@@ -61,3 +63,30 @@ def test_plan_counts_passes_from_the_spec():
         p = make_plan(load_config(None, [f"align.method={method}", "plan.compile=false"]))
         align = p["steps"][0]
         assert ("all_passes_total" in align) == plain, method
+
+
+def test_an_unknown_parameter_is_an_error_not_a_replica():
+    import pytest
+
+    from booster_jax import parallel
+    from booster_jax.errors import BoosterInputError
+
+    tree = {"layers": {"self_attn": {"q_proj": {"kernel": np.zeros((2, 8, 8))}, "new_proj": {"kernel": np.zeros((2, 8, 8))}}}}
+    with pytest.raises(BoosterInputError, match="layers/self_attn/new_proj/kernel"):
+        parallel.tree_specs(tree, {"data": 1, "fsdp": 2, "tensor": 1})
+    assert parallel.tree_specs({"step": np.zeros(())}, {"data": 1, "fsdp": 2, "tensor": 1})["step"] == parallel.P()
+
+
+def test_plan_refuses_a_mesh_that_leaves_a_big_parameter_whole():
+    import pytest
+
+    from booster_jax.errors import BoosterInputError
+    from booster_jax.plan import make_plan
+
+    # Llama-2 + [PAD]: 32001 vocabulary rows do not divide tensor=2, and D has no fsdp split to fall back on
+    cfg = load_config(None, ["model.path=meta-llama/Llama-2-7b-hf", "mesh.data=1", "mesh.tensor=2",
+                             "plan.devices=2", "plan.compile=false"])
+    with pytest.raises(BoosterInputError, match="embed_tokens/embedding"):
+        make_plan(cfg)
+    make_plan(load_config(None, ["model.path=meta-llama/Llama-2-7b-hf", "mesh.fsdp=2", "plan.devices=2",
+                                 "plan.compile=false"]))
