@@ -18,7 +18,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_steps import (build, interleave, load_avg, make_batches, median_ms, parse, plain_jax_loss,  # noqa: E402
+from bench_steps import (build, cpu_ratios, interleave, load_avg, make_batches, median_ms, parse, plain_jax_loss,  # noqa: E402
                          plain_jax_weights, shape_line)
 
 
@@ -63,14 +63,14 @@ def main(argv=None):
             losses[name] = theirs(0)  # also the warm-up
             runners[name] = theirs
         attn = peft_model.config._attn_implementation
-    times = interleave(runners, args.steps)
+    times, cpu = interleave(runners, args.steps)
     res = {k: median_ms(v) for k, v in times.items()}
 
     print(shape_line(args, f"median of {args.steps} calls after a warm-up, interleaved in one process") +
           f"; load average (1/5/15 min) {load_start} at the start, {load_avg()} at the end\n")
     print("| implementation | forward + LoRA backward, median (ms) | ours / PyTorch | ours / plain JAX | min (ms) | "
-          "compile (s) |")
-    print("|---|---:|---:|---:|---:|---:|")
+          "CPU ms (median) | compile (s) |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     names = {"ours": "booster_jax (jit value_and_grad)", "plain": "plain JAX (jit, unrolled, bench_steps.py)",
              "torch": f"transformers + PEFT (default attention: {attn if not args.skip_torch else '-'})",
              "torch_eager": "extra: transformers + PEFT, eager attention"}
@@ -78,8 +78,10 @@ def main(argv=None):
         vs_t = f"{res['ours'] / res['torch']:.2f}" if k == "ours" and "torch" in res else "-"
         vs_p = f"{res['ours'] / res['plain']:.2f}" if k == "ours" else "-"
         first = f"{compile_s:.1f}" if k == "ours" else "-"
-        print(f"| {names[k]} | {res[k]:.1f} | {vs_t} | {vs_p} | {1000 * min(times[k]):.1f} | {first} |")
-    print("\nsame loss on the first batch: " + ", ".join(f"{k} {v:.6f}" for k, v in losses.items()))
+        print(f"| {names[k]} | {res[k]:.1f} | {vs_t} | {vs_p} | {1000 * min(times[k]):.1f} | {median_ms(cpu[k]):.1f} | {first} |")
+    print("\nthe same ratios from process CPU time: " +
+          cpu_ratios(cpu, [("ours/PyTorch", "ours", "torch"), ("ours/plain", "ours", "plain")]))
+    print("same loss on the first batch: " + ", ".join(f"{k} {v:.6f}" for k, v in losses.items()))
     print(f"command: python benchmarks/bench_forward_backward.py "
           f"{' '.join(argv if argv is not None else sys.argv[1:])}".rstrip())
 

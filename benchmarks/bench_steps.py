@@ -253,15 +253,23 @@ def shape_line(args, rows_note: str) -> str:
             f"JAX {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__}; {host_line(args, torch)}")
 
 
-def interleave(runners: dict, steps: int) -> dict:
-    """Median seconds per runner over ``steps`` rounds, each round calling every runner once."""
-    times = {k: [] for k in runners}
+def interleave(runners: dict, steps: int) -> tuple[dict, dict]:
+    """Wall and process-CPU seconds per call of every runner over ``steps`` rounds, each round calling
+    every runner once (with one thread per side, CPU time is what a call costs, whatever the load)."""
+    wall, cpu = {k: [] for k in runners}, {k: [] for k in runners}
     for i in range(1, steps + 1):
         for key, run in runners.items():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             run(i)
-            times[key].append(time.perf_counter() - t0)
-    return times
+            wall[key].append(time.perf_counter() - t0)
+            cpu[key].append(time.process_time() - c0)
+    return wall, cpu
+
+
+def cpu_ratios(cpu: dict, pairs) -> str:
+    """``name a/b x.xx`` for each (name, a, b) present, from median CPU times."""
+    med = {k: statistics.median(v) for k, v in cpu.items()}
+    return ", ".join(f"{name} {med[a] / med[b]:.2f}" for name, a, b in pairs if a in med and b in med)
 
 
 def main(argv=None):
@@ -334,14 +342,14 @@ def main(argv=None):
                 runners[(impl, method)] = run
         attn = peft_model.config._attn_implementation
 
-    times = interleave(runners, args.steps)
+    times, cpu = interleave(runners, args.steps)
     res = {k: median_ms(v) for k, v in times.items()}
     print(shape_line(args, f"median of {args.steps} rounds after a warm-up, all {len(runners)} runs interleaved "
                            f"step by step in one process") +
           f"; load average (1/5/15 min) {load_start} at the start, {load_avg()} at the end\n")
     print("| implementation | method | ms / step (median) | Booster / SFT | ours / PyTorch | ours / plain JAX | "
-          "min ms | compile (s) |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
+          "min ms | CPU ms (median) | compile (s) |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     names = {"ours": "booster_jax (jit)", "plain": "plain JAX (jit, unrolled, in this file)",
              "torch": f"PyTorch reference (transformers default attention: {attn if not args.skip_torch else '-'})",
              "torch_eager": "extra: PyTorch reference, eager attention"}
@@ -355,8 +363,12 @@ def main(argv=None):
             vs_p = f"{ms / res[('plain', method)]:.2f}" if impl == "ours" else "-"
             first = f"{compile_s[method]:.1f}" if impl == "ours" else "-"
             print(f"| {names[impl]} | {method} | {ms:.1f} | {ratio} | {vs_t} | {vs_p} | "
-                  f"{1000 * min(times[(impl, method)]):.1f} | {first} |")
-    print("\nfirst-step alignment loss (the same computation everywhere): " +
+                  f"{1000 * min(times[(impl, method)]):.1f} | {median_ms(cpu[(impl, method)]):.1f} | {first} |")
+    pairs = [(f"ours/PyTorch {m}", ("ours", m), ("torch", m)) for m in ("sft", "booster")]
+    pairs += [(f"ours/plain {m}", ("ours", m), ("plain", m)) for m in ("sft", "booster")]
+    pairs += [(f"Booster/SFT {i}", (i, "booster"), (i, "sft")) for i in ("ours", "plain", "torch")]
+    print(f"\nthe same ratios from process CPU time: {cpu_ratios(cpu, pairs)}")
+    print("first-step alignment loss (the same computation everywhere): " +
           ", ".join(f"{i} {m} {v:.6f}" for (i, m), v in first_loss.items()))
     given = " ".join(argv if argv is not None else sys.argv[1:])
     print(f"command: python benchmarks/bench_steps.py {given}".rstrip())
