@@ -1,75 +1,87 @@
-"""Forward + backward with gradients for the LoRA weights only: ours (jit) vs transformers + PEFT (eager).
+"""Forward + backward with gradients for the LoRA weights only: ours (jit) vs transformers + PEFT vs plain JAX.
 
-Same model, LoRA and batch shapes as ``bench_steps.py`` (default hidden 256, 4 layers, vocab 1000,
-LoRA r 32 on q,k,v, batch 10 x 64); the loss is the token-mean LM loss over the masked targets on
-both sides. Ours: ``jax.jit(jax.value_and_grad(loss))`` w.r.t. the LoRA tree; theirs:
-``model(**batch).loss.backward()`` with the base frozen (PEFT). Prints the median times, the
-ratio and the command.
+Same model, LoRA and batch options as ``bench_steps.py`` (``--shape bench|smollm2``, ``--model DIR``);
+the loss is the token-mean LM loss over the masked targets everywhere. Ours:
+``jax.jit(jax.value_and_grad(loss))`` w.r.t. the LoRA tree; PyTorch: ``model(**batch).loss.backward()``
+with the base frozen (PEFT), transformers' default attention (SDPA; ``--eager-row`` adds eager as a
+labelled extra); plain JAX: ``bench_steps.plain_jax_loss`` (unrolled, from the maths). Every row is the
+median of interleaved calls in one process; the load average is printed.
 
-    python benchmarks/bench_forward_backward.py [--steps 20] [--batch 10] [--seq 64] [--threads 0]
+    python benchmarks/bench_forward_backward.py [--shape bench|smollm2] [--model DIR] [--steps 20] [--threads 1]
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_steps import build, host_line, make_batches, median_ms, parse  # noqa: E402
+from bench_steps import (build, cpu_ratios, interleave, load_avg, make_batches, median_ms, parse, plain_jax_loss,  # noqa: E402
+                         plain_jax_weights, shape_line)
 
 
 def main(argv=None):
     args = parse(argv, __doc__.splitlines()[0])
     import jax
     import jax.numpy as jnp
-    import torch
 
     from booster_jax.methods.base import lm_loss
     from tests.torch_reference import to_torch
 
+    load_start = load_avg()
     peft_model, params, lora, forward = build(args)
+    cfg = forward.model.cfg
     data = make_batches(args, args.steps + 1)
+    jdata = [jax.tree.map(jnp.asarray, b["align"]) for b in data]
 
     fb = jax.jit(jax.value_and_grad(lambda w, b: lm_loss(forward(w, params, b), b)))
-    jdata = [jax.tree.map(jnp.asarray, b["align"]) for b in data]
     t0 = time.perf_counter()
-    jax.block_until_ready(fb(lora, jdata[0]))
+    fb = fb.lower(lora, jdata[0]).compile()
     compile_s = time.perf_counter() - t0
-    peft_model.train()
-    tdata = [to_torch(b["align"]) for b in data]
+    frozen, adapters = plain_jax_weights(params, lora, cfg)
+    plain = jax.jit(jax.value_and_grad(plain_jax_loss(cfg, forward.model.lora.scaling)))
+    losses = {"ours": float(fb(lora, jdata[0])[0]), "plain": float(plain(adapters, frozen, jdata[0])[0])}
+    runners = {"ours": lambda i: jax.block_until_ready(fb(lora, jdata[i])),
+               "plain": lambda i: jax.block_until_ready(plain(adapters, frozen, jdata[i]))}
+    if not args.skip_torch:
+        tdata = [to_torch(b["align"]) for b in data]
+        models = {"torch": peft_model}
+        if args.eager_row:
+            models["torch_eager"] = copy.deepcopy(peft_model)
+            models["torch_eager"].set_attn_implementation("eager")
+        for name, model in models.items():
+            model.train()
 
-    def theirs(b):
-        peft_model.zero_grad(set_to_none=True)
-        loss = peft_model(**b).loss
-        loss.backward()
-        return loss
+            def theirs(i, model=model):
+                model.zero_grad(set_to_none=True)
+                loss = model(**tdata[i]).loss
+                loss.backward()
+                return loss.item()
 
-    theirs(tdata[0])  # warm-up
-    times = {"ours": [], "theirs": []}
-    for i in range(1, args.steps + 1):  # interleaved, so load drift on a shared host hits both alike
-        t0 = time.perf_counter()
-        jax.block_until_ready(fb(lora, jdata[i]))
-        times["ours"].append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        theirs(tdata[i])
-        times["theirs"].append(time.perf_counter() - t0)
-    ours, ref = median_ms(times["ours"]), median_ms(times["theirs"])
-    # the two compute the same thing: compare the losses of the last batch
-    loss_ours = float(fb(lora, jdata[-1])[0])
-    loss_ref = theirs(tdata[-1]).item()
+            losses[name] = theirs(0)  # also the warm-up
+            runners[name] = theirs
+        attn = peft_model.config._attn_implementation
+    times, cpu = interleave(runners, args.steps)
+    res = {k: median_ms(v) for k, v in times.items()}
 
-    print(f"model: hidden {args.hidden}, intermediate {args.intermediate}, {args.layers} layers, {args.heads} heads, "
-          f"vocab {args.vocab}, float32; LoRA r {args.rank} on q,k,v; batch {args.batch} x {args.seq}; median of "
-          f"{args.steps} calls after a warm-up call, interleaved; JAX {jax.__version__} on "
-          f"{jax.devices()[0].platform}, torch {torch.__version__} eager on cpu; {host_line(args, torch)}\n")
-    print("| implementation | forward + LoRA backward, median (ms) | JAX / PyTorch | min (ms) | "
-          "first call incl. compile (s) |")
-    print("|---|---:|---:|---:|---:|")
-    print(f"| booster_jax (jit value_and_grad) | {ours:.1f} | {ours / ref:.2f} | {1000 * min(times['ours']):.1f} | "
-          f"{compile_s:.1f} |")
-    print(f"| transformers + PEFT (eager) | {ref:.1f} | - | {1000 * min(times['theirs']):.1f} | - |")
-    print(f"\nsame loss on the last batch: ours {loss_ours:.6f}, reference {loss_ref:.6f}")
+    print(shape_line(args, f"median of {args.steps} calls after a warm-up, interleaved in one process") +
+          f"; load average (1/5/15 min) {load_start} at the start, {load_avg()} at the end\n")
+    print("| implementation | forward + LoRA backward, median (ms) | ours / PyTorch | ours / plain JAX | min (ms) | "
+          "CPU ms (median) | compile (s) |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    names = {"ours": "booster_jax (jit value_and_grad)", "plain": "plain JAX (jit, unrolled, bench_steps.py)",
+             "torch": f"transformers + PEFT (default attention: {attn if not args.skip_torch else '-'})",
+             "torch_eager": "extra: transformers + PEFT, eager attention"}
+    for k in runners:
+        vs_t = f"{res['ours'] / res['torch']:.2f}" if k == "ours" and "torch" in res else "-"
+        vs_p = f"{res['ours'] / res['plain']:.2f}" if k == "ours" else "-"
+        first = f"{compile_s:.1f}" if k == "ours" else "-"
+        print(f"| {names[k]} | {res[k]:.1f} | {vs_t} | {vs_p} | {1000 * min(times[k]):.1f} | {median_ms(cpu[k]):.1f} | {first} |")
+    print("\nthe same ratios from process CPU time: " +
+          cpu_ratios(cpu, [("ours/PyTorch", "ours", "torch"), ("ours/plain", "ours", "plain")]))
+    print("same loss on the first batch: " + ", ".join(f"{k} {v:.6f}" for k, v in losses.items()))
     print(f"command: python benchmarks/bench_forward_backward.py "
           f"{' '.join(argv if argv is not None else sys.argv[1:])}".rstrip())
 

@@ -5,8 +5,9 @@ prompts of one length; a fixed number of new tokens (no EOS stop: EOS is disable
 both sides). Ours is timed after a warm-up call that compiles; the compile time is
 reported separately. Prints a Markdown table and the command that produced it.
 
-    python benchmarks/bench_generate.py [--batch 8] [--prompt-len 32] [--new-tokens 64] [--repeats 3] [--threads 1]
+    python benchmarks/bench_generate.py [--model DIR] [--batch 8] [--prompt-len 32] [--new-tokens 64] [--repeats 3] [--threads 1]
 
+``--model DIR`` times a local Hugging Face LLaMA directory's weights instead of the random model.
 ``--threads 1`` (the default) pins both torch and XLA's CPU backend to one thread: on a
 shared, oversubscribed host, torch's OpenMP threads spin against other processes and a
 [8, 256] x [256, 688] linear can take milliseconds instead of microseconds, which would
@@ -31,6 +32,8 @@ def build_reference(args):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(0)
+    if args.model:
+        return AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     config = AutoConfig.for_model("llama", vocab_size=args.vocab, hidden_size=args.hidden,
                                   intermediate_size=args.intermediate, num_hidden_layers=args.layers,
                                   num_attention_heads=args.heads, num_key_value_heads=args.heads,
@@ -49,6 +52,7 @@ def time_calls(fn, repeats):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="", help="a local Hugging Face LLaMA directory (default: a random model)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=64)
@@ -81,6 +85,8 @@ def main(argv=None):
         cfg = hf.read_config(d)
         params = hf.load_params(d, cfg)
     model = make_model(cfg)
+    if args.model:  # the options describe the printed model
+        args.hidden, args.layers, args.heads, args.vocab = cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.vocab_size
 
     rng = np.random.default_rng(0)
     prompts = rng.integers(3, args.vocab, (args.batch, args.prompt_len)).tolist()
@@ -110,10 +116,10 @@ def main(argv=None):
 
     jax_dev = jax.devices()[0]
     torch_dev = "cpu"
-    print(f"model: hidden {args.hidden}, {args.layers} layers, {args.heads} heads, vocab {args.vocab}, float32; "
+    print(f"model{' ' + args.model if args.model else ''}: hidden {args.hidden}, {args.layers} layers, {args.heads} heads, vocab {args.vocab}, float32; "
           f"batch {args.batch}, prompt {args.prompt_len} tokens, {args.new_tokens} new tokens (greedy, no EOS); "
           f"median of {args.repeats} after warm-up; host {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} CPUs, threads {args.threads or 'default'} (torch {torch.get_num_threads()})\n")
+          f"{os.cpu_count()} CPUs, threads {args.threads or 'default'} (torch {torch.get_num_threads()}), load average {os.getloadavg()[0]:.1f}\n")
     print("| implementation | device | time / batch (s) | generated tokens/s | first call incl. compile (s) |")
     print("|---|---|---:|---:|---:|")
     print(f"| booster_jax generate (jit, KV cache, while_loop) | {jax_dev.platform} | {t_ours:.3f} | "

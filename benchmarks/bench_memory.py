@@ -17,6 +17,9 @@ state) + temporaries. Reported for:
 * ``booster-scan``: the three passes as the iterations of one ``lax.scan`` (bitwise the same
   update): a loop body's buffers are reused across iterations, so one pass's activations are
   allocated at a time -- the memory of the official code's sequential passes;
+* ``booster_vaccine``: the registered Booster + Vaccine step (four passes in Booster's pass engine,
+  one ``lax.scan``), and ``booster_vaccine-plain``: its four passes as plain calls (its form before
+  the pass engine), and ``vaccine`` (two plain passes) for reference;
 * the plan's analytic activation estimate, for comparison.
 
 The numbers are the compiling backend's (CPU here: its buffer assignment is a proxy for a GPU's,
@@ -97,9 +100,33 @@ def scanned_booster_step(ctx):
     return step
 
 
+def plain_booster_vaccine_step(ctx):
+    """Booster + Vaccine's update with its four passes as plain calls (its form before the pass engine)."""
+    from booster_jax.methods.base import apply_gradients
+    from booster_jax.methods.booster import booster_update
+    from booster_jax.methods.sft import lm_value_and_grad
+    from booster_jax.methods.vaccine import vaccine_gradient
+
+    bc, rho = ctx.cfg.booster, float(ctx.cfg.vaccine.rho)
+    vg = lm_value_and_grad(ctx.forward)
+
+    def step(frozen, state, batches, rng):
+        w = state.trainable
+        h, g1 = vg(w, frozen, batches["harmful"], None)
+        scale = bc.alpha / (jax.tree.reduce(lambda a, x: a + jnp.sum(x * x), g1, 0.0) ** 0.5 + bc.eps)
+        hp, g2 = vg(jax.tree.map(lambda p, g: p - (scale * g).astype(p.dtype), w, g1), frozen,
+                    batches["harmful"], None)
+        g3, m = vaccine_gradient(ctx.forward, rho, w, frozen, batches["align"])
+        grads = booster_update(g3, g1, g2, bc.lam)
+        return apply_gradients(state, grads, ctx.optimizer), {"loss": m["loss"], "harmful_loss": h,
+                                                              "harmful_loss_perturbed": hp}
+
+    return step
+
+
 def measure(args) -> dict:
-    from booster_jax.config import BoosterConfig, OptimConfig
-    from booster_jax.methods.base import Forward, StepContext, get_method, init_state, make_optimizer
+    from booster_jax.config import AlignConfig, BoosterConfig, OptimConfig, VaccineConfig
+    from booster_jax.methods.base import Forward, StepContext, get_method, init_state, make_optimizer, method_config
     from booster_jax.models.llama import LlamaConfig, LoraSpec, init_params, make_model
     from booster_jax.models.lora import init_lora
     from booster_jax.plan import activation_bytes
@@ -118,6 +145,7 @@ def measure(args) -> dict:
          "attention_mask": jax.ShapeDtypeStruct((args.batch, args.length), jnp.int32),
          "loss_mask": jax.ShapeDtypeStruct((args.batch, args.length), jnp.float32)}
     key = jax.eval_shape(lambda: jax.random.key(0))
+    bv = method_config(get_method("booster_vaccine", "align"), AlignConfig())
     steps = {
         "sft": (get_method("sft", "finetune").make_step(StepContext(forward, optimizer)), {"task": b}),
         "booster": (get_method("booster", "align").make_step(StepContext(forward, optimizer, BoosterConfig())),
@@ -126,6 +154,12 @@ def measure(args) -> dict:
                               {"align": b, "harmful": b}),
         "booster-scan": (scanned_booster_step(StepContext(forward, optimizer, BoosterConfig())),
                          {"align": b, "harmful": b}),
+        "vaccine": (get_method("vaccine", "align").make_step(StepContext(forward, optimizer, VaccineConfig())),
+                    {"align": b}),
+        "booster_vaccine": (get_method("booster_vaccine", "align").make_step(StepContext(forward, optimizer, bv)),
+                            {"align": b, "harmful": b}),
+        "booster_vaccine-plain": (plain_booster_vaccine_step(StepContext(forward, optimizer, bv)),
+                                  {"align": b, "harmful": b}),
     }
     out = {}
     for name, (step, batches) in steps.items():
@@ -152,14 +186,16 @@ def main(argv=None) -> int:
     model = r.pop("_model")
     print(f"backend {jax.default_backend()}; LLaMA hidden {args.hidden}, {args.layers} layers, vocab {args.vocab} "
           f"({model['params'] / 1e6:.1f} M params, {args.dtype}); LoRA r 32 q,k,v; batch {args.batch} x {args.length}")
-    print(f"{'step':<19}{'arguments MB':>14}{'temporaries MB':>16}{'peak MB':>10}{'peak / SFT':>12}")
+    print(f"{'step':<23}{'arguments MB':>14}{'temporaries MB':>16}{'peak MB':>10}{'peak / SFT':>12}")
     for name, m in r.items():
-        print(f"{name:<19}{m['argument'] / 1e6:14.1f}{m['temp'] / 1e6:16.1f}{m['peak'] / 1e6:10.1f}"
+        print(f"{name:<23}{m['argument'] / 1e6:14.1f}{m['temp'] / 1e6:16.1f}{m['peak'] / 1e6:10.1f}"
               f"{m['peak'] / r['sft']['peak']:12.2f}")
     print(f"(the plan's analytic activation estimate for one pass: {model['analytic_activations'] / 1e6:.1f} MB)")
     print(f"RATIO booster/sft peak = {r['booster']['peak'] / r['sft']['peak']:.2f}; sequenced "
           f"{r['booster-sequenced']['peak'] / r['sft']['peak']:.2f}; scanned passes "
-          f"{r['booster-scan']['peak'] / r['sft']['peak']:.2f}")
+          f"{r['booster-scan']['peak'] / r['sft']['peak']:.2f}; booster_vaccine "
+          f"{r['booster_vaccine']['peak'] / r['sft']['peak']:.2f} (plain calls "
+          f"{r['booster_vaccine-plain']['peak'] / r['sft']['peak']:.2f})")
     return 0
 
 

@@ -47,7 +47,7 @@ def main(argv=None):
 
     from benchmarks.bench_steps import build, make_batches
     from booster_jax.config import AlignConfig, FinetuneConfig, OptimConfig
-    from booster_jax.methods.base import StepContext, get_method, init_state, make_optimizer
+    from booster_jax.methods.base import StepContext, get_method, init_state, make_optimizer, method_config
 
     _, params, lora, forward = build(args)
     data = make_batches(args, args.steps + 1)
@@ -62,7 +62,7 @@ def main(argv=None):
     for stage, method in plan:
         spec = get_method(method, stage)
         stage_cfg = align_cfg if stage == "align" else finetune_cfg
-        section = getattr(stage_cfg, spec.config_section) if spec.config_section else None
+        section = method_config(spec, stage_cfg)
         optimizer = make_optimizer(optim)
         step = jax.jit(spec.make_step(StepContext(forward, optimizer, section)))
         extra = spec.init_extra(lora, params, section) if spec.init_extra else ()

@@ -1,23 +1,36 @@
-"""Steady-state training-step time: our jitted Booster and SFT steps vs the PyTorch reference (eager).
+"""Steady-state training-step time: our jitted SFT and Booster steps vs PyTorch and vs a plain JAX step.
 
-A random LLaMA (default hidden 256, 4 layers, vocab 1000) in float32 with a LoRA (r 32, alpha 4,
-q/k/v: the paper's adapter), batches of 10 x 64 tokens (right-padded, mixed lengths, prompts masked)
-for the alignment and the harmful streams. Ours: ``jax.jit`` of the registered step, timed with
-``block_until_ready`` after a compiling call (compile time reported apart). Theirs:
-``tests/torch_reference.TorchReference`` (the official trainer step on transformers + PEFT, eager),
-same weights, same batches, AdamW + clipping 1.0. Prints a Markdown table and the command.
+Three implementations of the same step on the same weights and batches, AdamW + clipping 1.0:
 
-    python benchmarks/bench_steps.py [--steps 20] [--batch 10] [--seq 64] [--hidden 256] [--layers 4]
-                                     [--vocab 1000] [--rank 32] [--threads 0]
+* ours: ``jax.jit`` of the registered step (``get_method``), state donated as the training loop does;
+* PyTorch: ``tests/torch_reference.TorchReference`` (the official trainer step on transformers +
+  PEFT, eager), with transformers' **default attention** (SDPA), as a user runs it; ``--eager-row``
+  adds the same step with ``attn_implementation="eager"`` as a labelled extra row;
+* plain JAX: ``plain_jax_steps`` below, a minimal step written from the maths (unrolled layers,
+  LoRA as ``x @ A @ B * scale``), the yardstick for what XLA can do with this model.
 
-``--threads N`` sets torch's threads and, for N = 1, XLA's CPU backend to one thread too;
-0 (the default) means all cores for both (torch.set_num_threads(os.cpu_count())).
+Every row is the median of ``--steps`` rounds in which all implementations run one step each,
+interleaved, in one process (load drift on a shared host hits all alike); the load average is
+printed at the start and the end. Compile time is ``lower().compile()`` of our step.
+
+Shapes: ``--shape bench`` (default: hidden 256, 4 layers, vocab 1000, batch 10 x 64) or
+``--shape smollm2`` (SmolLM2-135M-Instruct's architecture, randomly initialised: 30 layers,
+hidden 576, intermediate 1536, 9 heads / 3 KV heads, head_dim 64, rope theta 1e5, tied embeddings,
+vocab 49152, batch 8 x 64); ``--model DIR`` uses a local Hugging Face LLaMA directory's weights.
+LoRA r 32, alpha 4 on q, k, v (the paper's adapter).
+
+    python benchmarks/bench_steps.py [--shape bench|smollm2] [--model DIR] [--steps 20] [--threads 1]
+                                     [--eager-row] [--skip-torch] [--batch 10] [--seq 64] ...
+
+``--threads 1`` (the main rows) pins torch and XLA's CPU backend to one thread each; 0 leaves both
+at their defaults (all cores).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import math
 import os
 import platform
 import statistics
@@ -27,26 +40,47 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+SHAPES = {
+    "bench": dict(batch=10, seq=64, hidden=256, intermediate=688, layers=4, heads=4, kv_heads=None,
+                  vocab=1000, rope_theta=10000.0, rms_eps=1e-6, tie=False),
+    "smollm2": dict(batch=8, seq=64, hidden=576, intermediate=1536, layers=30, heads=9, kv_heads=3,
+                    vocab=49152, rope_theta=100000.0, rms_eps=1e-5, tie=True),
+}
+
 
 def model_options(description: str) -> argparse.ArgumentParser:
-    """The model and batch options shared by the step benchmarks (bench_steps, bench_methods)."""
+    """The model and batch options shared by the step benchmarks (bench_steps, bench_methods, ...)."""
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--steps", type=int, default=20, help="timed steps per method (median reported)")
-    p.add_argument("--batch", type=int, default=10)
-    p.add_argument("--seq", type=int, default=64)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--intermediate", type=int, default=688)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--vocab", type=int, default=1000)
+    p.add_argument("--shape", choices=sorted(SHAPES), default="bench", help="model/batch preset (see the docstring)")
+    p.add_argument("--model", default="", help="a local Hugging Face LLaMA directory (its weights and config)")
+    p.add_argument("--steps", type=int, default=20, help="timed rounds (median reported)")
+    p.add_argument("--batch", type=int)
+    p.add_argument("--seq", type=int)
+    p.add_argument("--hidden", type=int)
+    p.add_argument("--intermediate", type=int)
+    p.add_argument("--layers", type=int)
+    p.add_argument("--heads", type=int)
+    p.add_argument("--kv-heads", type=int)
+    p.add_argument("--vocab", type=int)
     p.add_argument("--rank", type=int, default=32)
     p.add_argument("--lora-alpha", type=float, default=4.0)
     return p
 
 
 def parse_with_threads(p: argparse.ArgumentParser, argv):
-    """Parse; ``--threads 1`` pins XLA's CPU backend to one thread (before jax initialises it)."""
+    """Parse, fill unset model options from ``--shape``; ``--threads 1`` pins XLA to one thread (before jax starts)."""
     args = p.parse_args(argv)
+    for k, v in SHAPES[args.shape].items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+    args.kv_heads = args.kv_heads or args.heads
+    if args.model:
+        from booster_jax.models import hf
+
+        cfg = hf.read_config(args.model)
+        args.hidden, args.intermediate, args.layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
+        args.heads, args.kv_heads, args.vocab = cfg.num_heads, cfg.num_kv_heads, cfg.vocab_size
+    args.head_dim = args.hidden // args.heads
     if args.threads == 1:
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                    " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1").strip()
@@ -55,13 +89,14 @@ def parse_with_threads(p: argparse.ArgumentParser, argv):
 
 def parse(argv, description):
     p = model_options(description)
-    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (and XLA if 1); 0 = all cores")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads for torch and XLA (1 or 0 = all cores)")
     p.add_argument("--skip-torch", action="store_true")
+    p.add_argument("--eager-row", action="store_true", help="extra row: PyTorch with eager attention")
     return parse_with_threads(p, argv)
 
 
 def build(args):
-    """The same random base model and PEFT-initialised LoRA for both sides, and a stream of batches."""
+    """The same base model and PEFT-initialised LoRA for both sides: (peft_model, params, lora, forward)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -73,11 +108,15 @@ def build(args):
 
     torch.set_num_threads(args.threads or os.cpu_count())
     torch.manual_seed(0)
-    config = AutoConfig.for_model("llama", vocab_size=args.vocab, hidden_size=args.hidden,
-                                  intermediate_size=args.intermediate, num_hidden_layers=args.layers,
-                                  num_attention_heads=args.heads, num_key_value_heads=args.heads,
-                                  max_position_embeddings=1024, tie_word_embeddings=False)
-    base = AutoModelForCausalLM.from_config(config, attn_implementation="eager").float()
+    if args.model:
+        base = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    else:
+        config = AutoConfig.for_model(
+            "llama", vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+            num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+            head_dim=args.head_dim, rope_theta=args.rope_theta, rms_norm_eps=args.rms_eps,
+            max_position_embeddings=2048, tie_word_embeddings=args.tie)
+        base = AutoModelForCausalLM.from_config(config).float()  # transformers' default attention (SDPA)
     conf = LoraConfig(r=args.rank, lora_alpha=args.lora_alpha, target_modules=["q_proj", "k_proj", "v_proj"],
                       lora_dropout=0.0, task_type="CAUSAL_LM")
     with tempfile.TemporaryDirectory() as d:
@@ -106,14 +145,131 @@ def make_batches(args, n):
     return [{"align": one(2 * i), "harmful": one(2 * i + 1)} for i in range(n)]
 
 
+# ---- the plain JAX baseline: the same maths, written directly (unrolled layers, no Flax) ----
+def plain_jax_weights(params, lora, cfg):
+    """Our stacked trees as per-layer lists (outside jit): base [{name: W}], LoRA [{proj: (A, B)}]."""
+    L, lay = cfg.num_layers, params["layers"]
+    base = [{"ln1": lay["input_layernorm"]["scale"][i], "ln2": lay["post_attention_layernorm"]["scale"][i],
+             **{p: lay[blk][p]["kernel"][i] for blk, ps in (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
+                                                            ("mlp", ("gate_proj", "up_proj", "down_proj")))
+                for p in ps}} for i in range(L)]
+    embed = params["embed_tokens"]["embedding"]
+    head = embed.T if cfg.tie_word_embeddings else params["lm_head"]["kernel"]
+    frozen = {"layers": base, "embed": embed, "norm": params["norm"]["scale"], "head": head}
+    adapters = [{p: (ab["a"][i], ab["b"][i]) for blk in lora["layers"].values() for p, ab in blk.items()}
+                for i in range(L)]
+    return frozen, adapters
+
+
+def plain_jax_loss(cfg, scaling):
+    """``loss(adapters, frozen, batch)``: token-mean LM loss of the LLaMA with LoRA, unrolled over layers."""
+    import jax
+    import jax.numpy as jnp
+
+    nh, nkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    inv_freq = 1.0 / cfg.rope_theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd)
+
+    def rms(x, w):
+        return w * x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + cfg.rms_norm_eps)
+
+    def lin(x, w, ab):
+        return x @ w if ab is None else x @ w + (x @ ab[0]) @ ab[1] * scaling
+
+    def loss(adapters, frozen, batch):
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        b, t = ids.shape
+        ang = jnp.arange(t, dtype=jnp.float32)[:, None] * inv_freq
+        cos, sin = jnp.cos(jnp.concatenate([ang, ang], -1))[:, None], jnp.sin(jnp.concatenate([ang, ang], -1))[:, None]
+        rope = lambda x: x * cos + jnp.concatenate([-x[..., hd // 2:], x[..., :hd // 2]], -1) * sin  # noqa: E731
+        allowed = jnp.tril(jnp.ones((t, t), bool))[None, None] & (mask[:, None, None, :] > 0)
+        x = frozen["embed"][ids]
+        for w, a in zip(frozen["layers"], adapters):
+            h = rms(x, w["ln1"])
+            q = rope(lin(h, w["q_proj"], a.get("q_proj")).reshape(b, t, nh, hd))
+            k = rope(lin(h, w["k_proj"], a.get("k_proj")).reshape(b, t, nkv, hd))
+            v = lin(h, w["v_proj"], a.get("v_proj")).reshape(b, t, nkv, hd)
+            k, v = jnp.repeat(k, nh // nkv, axis=2), jnp.repeat(v, nh // nkv, axis=2)
+            s = jnp.where(allowed, jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(hd), -1e30)
+            o = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, -1), v).reshape(b, t, nh * hd)
+            x = x + lin(o, w["o_proj"], a.get("o_proj"))
+            h = rms(x, w["ln2"])
+            x = x + lin(jax.nn.silu(lin(h, w["gate_proj"], a.get("gate_proj"))) * lin(h, w["up_proj"], a.get("up_proj")),
+                        w["down_proj"], a.get("down_proj"))
+        logp = jax.nn.log_softmax(rms(x, frozen["norm"])[:, :-1] @ frozen["head"], -1)
+        nll = -jnp.take_along_axis(logp, ids[:, 1:, None], -1)[..., 0]
+        weights = batch["loss_mask"][:, 1:]
+        return jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+    return loss
+
+
+def plain_jax_steps(cfg, scaling, optimizer, lam, alpha, eps=1e-7):
+    """(sft_step, booster_step), each ``(frozen, (lora, opt_state), batches) -> ((lora, opt_state), loss)``."""
+    import jax
+    import optax
+
+    grad = jax.value_and_grad(plain_jax_loss(cfg, scaling))
+
+    def update(state, g):
+        upd, opt = optimizer.update(g, state[1], state[0])
+        return optax.apply_updates(state[0], upd), opt
+
+    def sft_step(frozen, state, batches):
+        value, g = grad(state[0], frozen, batches["align"])
+        return update(state, g), value
+
+    def booster_step(frozen, state, batches):
+        w = state[0]
+        h, g1 = grad(w, frozen, batches["harmful"])
+        scale = alpha / (optax.tree.norm(g1) + eps)
+        _, g2 = grad(jax.tree.map(lambda p, g: p - scale * g, w, g1), frozen, batches["harmful"])
+        f, g3 = grad(w, frozen, batches["align"])
+        return update(state, jax.tree.map(lambda a, b, c: a + lam * b - lam * c, g3, g1, g2)), f
+
+    return sft_step, booster_step
+
+
 def median_ms(times):
     return 1000 * statistics.median(times)
 
 
 def host_line(args, torch):
     return (f"host {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-            f"torch threads {torch.get_num_threads()}, XLA threads {'1' if args.threads == 1 else 'default'}, "
-            f"load average {os.getloadavg()[0]:.1f} at the end")
+            f"torch threads {torch.get_num_threads()}, XLA threads {'1' if args.threads == 1 else 'default'}")
+
+
+def load_avg() -> str:
+    return "/".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def shape_line(args, rows_note: str) -> str:
+    import jax
+    import torch
+
+    src = f"weights of {args.model}" if args.model else f"shape {args.shape}, random weights"
+    return (f"model ({src}): hidden {args.hidden}, intermediate {args.intermediate}, {args.layers} layers, "
+            f"{args.heads} heads / {args.kv_heads} KV heads, vocab {args.vocab}, float32; LoRA r {args.rank} "
+            f"alpha {args.lora_alpha:g} on q,k,v; batches {args.batch} x {args.seq} tokens; {rows_note}; "
+            f"JAX {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__}; {host_line(args, torch)}")
+
+
+def interleave(runners: dict, steps: int) -> tuple[dict, dict]:
+    """Wall and process-CPU seconds per call of every runner over ``steps`` rounds, each round calling
+    every runner once (with one thread per side, CPU time is what a call costs, whatever the load)."""
+    wall, cpu = {k: [] for k in runners}, {k: [] for k in runners}
+    for i in range(1, steps + 1):
+        for key, run in runners.items():
+            t0, c0 = time.perf_counter(), time.process_time()
+            run(i)
+            wall[key].append(time.perf_counter() - t0)
+            cpu[key].append(time.process_time() - c0)
+    return wall, cpu
+
+
+def cpu_ratios(cpu: dict, pairs) -> str:
+    """``name a/b x.xx`` for each (name, a, b) present, from median CPU times."""
+    med = {k: statistics.median(v) for k, v in cpu.items()}
+    return ", ".join(f"{name} {med[a] / med[b]:.2f}" for name, a, b in pairs if a in med and b in med)
 
 
 def main(argv=None):
@@ -126,71 +282,96 @@ def main(argv=None):
     from booster_jax.methods.base import StepContext, get_method, init_state, make_optimizer
     from tests.torch_reference import TorchReference, to_torch
 
+    load_start = load_avg()
     peft_model, params, lora, forward = build(args)
+    cfg = forward.model.cfg
     data = make_batches(args, args.steps + 1)
     jdata = [jax.tree.map(jnp.asarray, b) for b in data]
     optim = OptimConfig(lr=5e-4, weight_decay=0.1, max_grad_norm=1.0)
     booster = BoosterConfig(lam=5.0, alpha=0.1)
-    compile_s, runners = {}, {}
+    compile_s, runners, first_loss = {}, {}, {}
 
     for method in ("sft", "booster"):
         optimizer = make_optimizer(optim)
-        step = jax.jit(get_method(method, "align").make_step(StepContext(forward, optimizer, booster)))
-        box = {"state": init_state(lora, optimizer)}
+        step = jax.jit(get_method(method, "align").make_step(StepContext(forward, optimizer, booster)),
+                       donate_argnums=(1,))
+        box = {"state": init_state(jax.tree.map(jnp.copy, lora), optimizer)}  # donated: a copy each
+        t0 = time.perf_counter()
+        compiled = step.lower(params, box["state"], jdata[0], jax.random.key(0)).compile()
+        compile_s[method] = time.perf_counter() - t0
 
-        def run(i, step=step, box=box):
+        def run(i, step=compiled, box=box):
             box["state"], m = step(params, box["state"], jdata[i], jax.random.key(i))
             jax.block_until_ready((box["state"], m))
+            return m["loss"]
 
-        t0 = time.perf_counter()
-        run(0)
-        compile_s[method] = time.perf_counter() - t0
-        runners[("jax", method)] = run
+        first_loss[("ours", method)] = float(run(0))
+        runners[("ours", method)] = run
+
+    frozen, adapters = plain_jax_weights(params, lora, cfg)
+    plain = dict(zip(("sft", "booster"), plain_jax_steps(cfg, forward.model.lora.scaling, make_optimizer(optim),
+                                                         booster.lam, booster.alpha, booster.eps)))
+    for method, fn in plain.items():
+        step = jax.jit(fn, donate_argnums=(1,))
+        box = {"state": (jax.tree.map(jnp.copy, adapters), make_optimizer(optim).init(adapters))}
+
+        def run(i, step=step, box=box):
+            box["state"], m = step(frozen, box["state"], jdata[i])
+            jax.block_until_ready((box["state"], m))
+            return m
+
+        first_loss[("plain", method)] = float(run(0))
+        runners[("plain", method)] = run
 
     if not args.skip_torch:
         tdata = [{k: to_torch(v) for k, v in b.items()} for b in data]
-        for method in ("sft", "booster"):
-            ref = TorchReference(copy.deepcopy(peft_model), lr=optim.lr, weight_decay=optim.weight_decay,
-                                 max_grad_norm=optim.max_grad_norm, lam=booster.lam, alpha=booster.alpha)
-            if method == "booster":
-                run = lambda i, ref=ref: ref.booster_step(tdata[i]["align"], tdata[i]["harmful"])
-            else:
-                run = lambda i, ref=ref: ref.sft_step(tdata[i]["align"])
-            run(0)  # warm-up (allocator, first-call overheads)
-            runners[("torch", method)] = run
+        impls = [("torch", peft_model)]
+        if args.eager_row:
+            eager = copy.deepcopy(peft_model)
+            eager.set_attn_implementation("eager")
+            impls.append(("torch_eager", eager))
+        for impl, model in impls:
+            for method in ("sft", "booster"):
+                ref = TorchReference(copy.deepcopy(model), lr=optim.lr, weight_decay=optim.weight_decay,
+                                     max_grad_norm=optim.max_grad_norm, lam=booster.lam, alpha=booster.alpha)
+                if method == "booster":
+                    run = lambda i, ref=ref: ref.booster_step(tdata[i]["align"], tdata[i]["harmful"])
+                else:
+                    run = lambda i, ref=ref: ref.sft_step(tdata[i]["align"])
+                first_loss[(impl, method)] = float(run(0)["loss"])  # also the warm-up
+                runners[(impl, method)] = run
+        attn = peft_model.config._attn_implementation
 
-    # Interleaved rounds: on a shared host the load drifts, and timing one method after the other would
-    # charge the drift to whichever ran during the busy minute.
-    times = {k: [] for k in runners}
-    for i in range(1, args.steps + 1):
-        for key, run in runners.items():
-            t0 = time.perf_counter()
-            run(i)
-            times[key].append(time.perf_counter() - t0)
-    results = {k: median_ms(v) for k, v in times.items()}
-    best = {k: 1000 * min(v) for k, v in times.items()}
-
-    print(f"model: hidden {args.hidden}, intermediate {args.intermediate}, {args.layers} layers, {args.heads} heads, "
-          f"vocab {args.vocab}, float32; LoRA r {args.rank} alpha {args.lora_alpha:g} on q,k,v; batches "
-          f"{args.batch} x {args.seq} tokens (align + harmful); median of {args.steps} steps after a warm-up step, "
-          f"the four runs interleaved step by step; JAX {jax.__version__} on {jax.devices()[0].platform}, "
-          f"torch {torch.__version__} eager on cpu; "
-          f"{host_line(args, torch)}\n")
-    print("| implementation | method | ms / step (median) | Booster / SFT | JAX / PyTorch | min ms | "
-          "first call incl. compile (s) |")
-    print("|---|---|---:|---:|---:|---:|---:|")
-    for impl in ("jax", "torch"):
+    times, cpu = interleave(runners, args.steps)
+    res = {k: median_ms(v) for k, v in times.items()}
+    print(shape_line(args, f"median of {args.steps} rounds after a warm-up, all {len(runners)} runs interleaved "
+                           f"step by step in one process") +
+          f"; load average (1/5/15 min) {load_start} at the start, {load_avg()} at the end\n")
+    print("| implementation | method | ms / step (median) | Booster / SFT | ours / PyTorch | ours / plain JAX | "
+          "min ms | CPU ms (median) | compile (s) |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    names = {"ours": "booster_jax (jit)", "plain": "plain JAX (jit, unrolled, in this file)",
+             "torch": f"PyTorch reference (transformers default attention: {attn if not args.skip_torch else '-'})",
+             "torch_eager": "extra: PyTorch reference, eager attention"}
+    for impl in ("ours", "plain", "torch", "torch_eager"):
         for method in ("sft", "booster"):
-            if (impl, method) not in results:
+            if (impl, method) not in res:
                 continue
-            ms = results[(impl, method)]
-            ratio = f"{ms / results[(impl, 'sft')]:.2f}" if method == "booster" else "-"
-            vs = f"{ms / results[('torch', method)]:.2f}" if impl == "jax" and ("torch", method) in results else "-"
-            name = "booster_jax (jit)" if impl == "jax" else "PyTorch reference (eager)"
-            first = f"{compile_s[method]:.1f}" if impl == "jax" else "-"
-            print(f"| {name} | {method} | {ms:.1f} | {ratio} | {vs} | {best[(impl, method)]:.1f} | {first} |")
+            ms = res[(impl, method)]
+            ratio = f"{ms / res[(impl, 'sft')]:.2f}" if method == "booster" else "-"
+            vs_t = f"{ms / res[('torch', method)]:.2f}" if impl == "ours" and ("torch", method) in res else "-"
+            vs_p = f"{ms / res[('plain', method)]:.2f}" if impl == "ours" else "-"
+            first = f"{compile_s[method]:.1f}" if impl == "ours" else "-"
+            print(f"| {names[impl]} | {method} | {ms:.1f} | {ratio} | {vs_t} | {vs_p} | "
+                  f"{1000 * min(times[(impl, method)]):.1f} | {median_ms(cpu[(impl, method)]):.1f} | {first} |")
+    pairs = [(f"ours/PyTorch {m}", ("ours", m), ("torch", m)) for m in ("sft", "booster")]
+    pairs += [(f"ours/plain {m}", ("ours", m), ("plain", m)) for m in ("sft", "booster")]
+    pairs += [(f"Booster/SFT {i}", (i, "booster"), (i, "sft")) for i in ("ours", "plain", "torch")]
+    print(f"\nthe same ratios from process CPU time: {cpu_ratios(cpu, pairs)}")
+    print("first-step alignment loss (the same computation everywhere): " +
+          ", ".join(f"{i} {m} {v:.6f}" for (i, m), v in first_loss.items()))
     given = " ".join(argv if argv is not None else sys.argv[1:])
-    print(f"\ncommand: python benchmarks/bench_steps.py {given}".rstrip())
+    print(f"command: python benchmarks/bench_steps.py {given}".rstrip())
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ import yaml
 from booster_jax.errors import BoosterInputError
 
 ALIGN_METHODS = ("sft", "booster", "vaccine", "repnoise", "booster_vaccine")
-BOOSTER_FAMILY = ("booster", "booster_vaccine")  # keep training their alignment LoRA
 FINETUNE_METHODS = ("sft", "lisa")
 TASKS = ("sst2", "agnews", "gsm8k", "alpaca")
 JUDGES = ("beaver_dam", "synthetic", "keyword-refusal")
@@ -59,6 +58,9 @@ class ModelConfig:
     param_dtype: str = _f("bfloat16", choices=DTYPES)
     add_pad_token: bool = True  # add [PAD], new embedding rows = mean (official code)
     scan_layers: bool = True
+    # what the backward pass keeps of each layer: none (everything), full (recompute each layer),
+    # dots (keep the projections' outputs, recompute the rest); booster_jax/models/llama.py REMAT_POLICIES
+    remat: str = _f("none", choices=("none", "full", "dots"))
 
 
 @dataclass(frozen=True)
@@ -138,11 +140,6 @@ class AlignConfig:
     benign_filter: bool = False
     harmful_batch_size: int = _f(10, POS)
 
-    @property
-    def booster_vaccine(self):
-        """The two sections Booster + Vaccine reads (its ``MethodSpec.config_section``): .booster, .vaccine."""
-        return types.SimpleNamespace(booster=self.booster, vaccine=self.vaccine)
-
 
 @dataclass(frozen=True)
 class FinetuneConfig:
@@ -152,7 +149,7 @@ class FinetuneConfig:
     batch_size: int = _f(10, POS)
     optim: OptimConfig = _f(OptimConfig(lr=1e-5))
     lisa: LisaConfig = _f(LisaConfig())
-    # auto: Booster-family methods continue their alignment LoRA, others merge it
+    # auto: methods that declare it (MethodSpec.continues_lora: Booster, Booster + Vaccine) continue their alignment LoRA, others merge it
     # into the base and train a fresh LoRA (as the official code).
     continue_alignment_lora: str = _f("auto", choices=("auto", "always", "never"))
     # every k steps, the loss on the attack's harmful samples (the paper's Fig. 3); 0 = off
@@ -184,6 +181,10 @@ class DataConfig:
     n_eval_benign: int = _f(200, NONNEG)  # safe prompts of the eval file: the over-refusal rate
     max_length: int = _f(256, POS)
     bucket_lengths: list[int] = _f([64, 128, 256], POS, nonempty=True)
+    # less padding (both off = the official random sampler; data/batches.py says what each changes):
+    group_by_length: bool = False  # HF group_by_length: batches of similar lengths, same examples per step
+    pack: bool = False  # pack the fine-tuning (task) stream's examples into rows of pack_length tokens
+    pack_length: int = _f(0, NONNEG)  # 0 = the largest bucket
     skip_bad_rows: bool = False
     benign_file: str = ""  # instruction file for align.benign_mix
     drop_last: bool = False  # drop each epoch's last partial batch (HF dataloader_drop_last); official: keep
@@ -427,6 +428,9 @@ def _cross_checks(cfg: Config, probs: _Problems) -> None:
         probs.add("data.harmful_start", f"expected < data.harmful_end ({d.harmful_end}), got {d.harmful_start}")
     if d.attack_order == "in_order" and d.attack_pool_end:
         probs.add("data.attack_pool_end", "only used with data.attack_order: sampled")
+    if d.pack and d.pack_length and d.pack_length < max(d.bucket_lengths):
+        probs.add("data.pack_length", f"expected 0 or >= the largest bucket ({max(d.bucket_lengths)}): a packed row "
+                  f"must hold any example, got {d.pack_length}")
     if len(set(cfg.lora.targets)) != len(cfg.lora.targets):
         probs.add("lora.targets", f"expected no duplicates, got {cfg.lora.targets}")
     for name, ov in cfg.grid.variants.items():

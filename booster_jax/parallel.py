@@ -53,6 +53,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from booster_jax.errors import BoosterInputError
+from booster_jax.models.llama import ACTIVATION_SHARDING, PROJECTIONS
 
 log = logging.getLogger(__name__)
 
@@ -69,12 +70,8 @@ LOGICAL_RULES: dict[str, str | None] = {
     "lora_rank": None,
 }
 
-# (input, output) logical names of each projection's kernel
-PROJ_AXES = {
-    "q_proj": ("embed", "heads"), "k_proj": ("embed", "heads"), "v_proj": ("embed", "heads"),
-    "o_proj": ("heads", "embed"),
-    "gate_proj": ("embed", "mlp"), "up_proj": ("embed", "mlp"), "down_proj": ("mlp", "embed"),
-}
+# (input, output) logical names of each projection's kernel: the model's schema (models.llama.PROJECTIONS)
+PROJ_AXES = {name: (i, o) for name, (_, i, o) in PROJECTIONS.items()}
 ROOTS = ("embed_tokens", "lm_head", "norm", "score", "layers")
 
 
@@ -174,7 +171,8 @@ def _names(path) -> tuple[str, ...]:
 
 
 def logical_axes(keys: Sequence[str], ndim: int) -> tuple[str | None, ...] | None:
-    """Logical names of a parameter's dimensions from its key path, or None (replicated).
+    """Logical names of a parameter's dimensions from its key path; None for a leaf outside any model root
+    (step counters, scalars: replicated). A path under a model root that no rule matches is an error.
 
     The path may carry any prefix (optimizer state, ``{"params": ...}``); the parameter path
     starts at the first model root key.
@@ -191,6 +189,8 @@ def logical_axes(keys: Sequence[str], ndim: int) -> tuple[str | None, ...] | Non
         axes = ("embed", "vocab")
     elif k[:2] == ("score", "kernel"):
         axes = ("embed", None)
+    elif k == ("norm", "scale"):
+        axes = (None,)
     elif k[0] == "layers" and len(k) >= 3 and k[-1] == "scale":
         axes = ("layers", None)
     elif k[0] == "layers" and len(k) >= 4 and k[2] in PROJ_AXES:
@@ -198,7 +198,10 @@ def logical_axes(keys: Sequence[str], ndim: int) -> tuple[str | None, ...] | Non
         axes = {"kernel": ("layers", in_ax, out_ax), "bias": ("layers", out_ax),
                 "a": ("layers", in_ax, "lora_rank"), "b": ("layers", "lora_rank", out_ax)}.get(k[3])
     if axes is None or len(axes) != ndim:
-        return None
+        # a silent replica of a new parameter would only show as memory on a pod: say so now
+        raise BoosterInputError(
+            f"parameter {'/'.join(k)} ({ndim}-d): no sharding rule matches it; declare its logical axes "
+            "(booster_jax/models/llama.py PROJECTIONS for a projection, parallel.logical_axes otherwise)")
     return axes
 
 
@@ -229,25 +232,13 @@ def tree_specs(tree, mesh: Mesh | Mapping[str, int]):
 
 
 def tree_shardings(mesh: Mesh, tree):
-    """NamedSharding per leaf by the logical rules of its key path (unknown leaves: replicated)."""
+    """NamedSharding per leaf by the logical rules of its key path (unknown leaves: replicated).
+
+    One function for every tree: base params, the LoRA tree and a whole ``TrainState`` (every
+    optimizer moment and extra tree shards like its parameter, matched by key path; scalars are
+    replicated)."""
     return jax.tree_util.tree_map_with_path(
         lambda path, x: NamedSharding(mesh, spec_for(_names(path), np.shape(x), mesh)), tree)
-
-
-def param_shardings(mesh: Mesh, params_shapes):
-    """Base parameters (arrays or ``jax.eval_shape`` output) -> NamedShardings."""
-    return tree_shardings(mesh, params_shapes)
-
-
-def lora_shardings(mesh: Mesh, lora_shapes):
-    """LoRA tree ``{"layers": {block: {proj: {"a", "b"}}}}`` -> NamedShardings consistent with the base."""
-    return tree_shardings(mesh, lora_shapes)
-
-
-def state_shardings(mesh: Mesh, state_shapes):
-    """A ``TrainState`` (trainable, opt_state, step, extra) -> NamedShardings: every optimizer moment and
-    extra tree shards like its parameter (matched by key path), scalars are replicated."""
-    return tree_shardings(mesh, state_shapes)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -362,54 +353,54 @@ def step_jit_kwargs(mesh: Mesh, frozen, state) -> dict:
     explicit in/out shardings (frozen and state by the rules, batches over the batch axes, the RNG
     key and the metrics replicated). The state's out sharding equals its in sharding, so the
     donated buffers are reused."""
-    state_sh = state_shardings(mesh, state)
-    frozen_sh = None if frozen is None else param_shardings(mesh, frozen)
+    state_sh = tree_shardings(mesh, state)
+    frozen_sh = None if frozen is None else tree_shardings(mesh, frozen)
     rep = replicated(mesh)
     return {"in_shardings": (frozen_sh, state_sh, batch_sharding(mesh), rep),
             "out_shardings": (state_sh, rep)}
 
 
-def _constrain(x, mesh: Mesh, last: str | None):
-    """``x [B, ..., F]``: batch over ("data", "fsdp"), the last dimension on ``last`` when it divides, the rest whole."""
-    if not hasattr(x, "ndim") or x.ndim < 2 or x.shape[0] % batch_shards(mesh):
-        return x
-    ok = last is not None and last not in BATCH_AXES and x.shape[-1] % mesh.shape[last] == 0
-    ax = last if ok else None  # feature dims on the batch axes (embed -> fsdp) stay whole in activations
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(BATCH_AXES, *([None] * (x.ndim - 2)), ax)))
+def activation_constraint(mesh: Mesh) -> Callable:
+    """``(x [B, ..., F], logical name of F) -> x`` pinned: batch over ("data", "fsdp"), F on the mesh axis of
+    its rule when that divides it (feature dims whose rule is a batch axis -- embed -> fsdp -- stay whole in
+    activations), the rest whole; rows the batch shards do not divide are left alone."""
+    shards = batch_shards(mesh)
+
+    def constrain(x, feature_axis, rows="batch"):
+        if rows == "vocab":  # an embedding table before a lookup: vocab rows by their rule, D whole
+            ax = LOGICAL_RULES["vocab"]
+            spec = P(ax if ax and x.shape[0] % mesh.shape[ax] == 0 else None)
+            return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+        if not hasattr(x, "ndim") or x.ndim < 2 or x.shape[0] % shards:
+            return x
+        last = LOGICAL_RULES.get(feature_axis) if feature_axis else None
+        ok = last is not None and last not in BATCH_AXES and x.shape[-1] % mesh.shape[last] == 0
+        spec = P(BATCH_AXES, *([None] * (x.ndim - 2)), last if ok else None)
+        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+    return constrain
 
 
 def shard_activations(step_fn: Callable, mesh: Mesh) -> Callable:
-    """``step_fn`` with activation sharding constraints on the model's layer boundaries.
+    """``step_fn`` traced with the model's activation constraints switched on (``models.llama.constrain``).
 
     Why: with the weights' D on fsdp, GSPMD left alone may keep the activations batch-replicated and
     split the matmuls' contracting dimension instead (partial sums + all-reduce): every device then
     holds the whole batch's activations, which defeats FSDP (measured: the MLP activations of all 16
-    rows on each of 8 devices). Pinning the batch axis of every projection's output, every layer's
-    output, the embedding and the logits makes XLA all-gather each layer's weights instead (the FSDP
-    pattern). Projection outputs keep their heads/mlp dimension on the tensor axis. Applied with a
-    Flax method interceptor while the step is traced, so the model code needs no mesh.
+    rows on each of 8 devices). The model pins the batch axis of every projection's output, every
+    layer's output, the embedding, the norms and the logits, so XLA all-gathers each layer's weights
+    instead (the FSDP pattern); projection outputs keep their heads/mlp dimension on the tensor axis.
+    The constraints are written in the model at those boundaries; this only supplies the mesh.
     """
     if mesh.size == 1:
         return step_fn
-    import flax.linen as nn
-
-    def interceptor(next_fun, args, kwargs, context):
-        out = next_fun(*args, **kwargs)
-        if context.method_name != "__call__":
-            return out
-        name = type(context.module).__name__
-        if name in ("LoraDense", "Dense"):
-            mod = context.module.name or ""
-            out_axis = PROJ_AXES.get(mod, (None, "vocab" if mod == "lm_head" else None))[1]
-            return _constrain(out, mesh, LOGICAL_RULES.get(out_axis) if out_axis else None)
-        if name in ("DecoderLayer", "Embed", "RMSNorm"):
-            if isinstance(out, tuple):
-                return (_constrain(out[0], mesh, None),) + tuple(out[1:])
-            return _constrain(out, mesh, None)
-        return out
+    constrain = activation_constraint(mesh)
 
     def wrapped(*args, **kwargs):
-        with nn.intercept_methods(interceptor):
+        token = ACTIVATION_SHARDING.set(constrain)
+        try:
             return step_fn(*args, **kwargs)
+        finally:
+            ACTIVATION_SHARDING.reset(token)
 
     return wrapped

@@ -6,8 +6,9 @@ one (``plan.devices=8 plan.device_memory_gb=16``). The architecture is read from
 directory's ``config.json``, or from a built-in table for well-known hub ids (so a 7B run can be
 planned on a laptop without downloading anything).
 
-Activations are an analytic estimate of what the backward pass keeps (layers are scanned without
-rematerialisation, so every layer's residuals live until its backward):
+Activations are an analytic estimate of what the backward pass keeps (with ``model.remat=none``
+every layer's residuals live until its backward; ``full`` and ``dots`` keep less and recompute the
+rest, see ``activation_bytes``; the plan prints all three):
 
     per layer and token:  6 D (x, norms, residuals, o_proj)  +  q, k, v and the roped q, k
                           + 4 F (gate, up, silu, product)     +  2 r per adapted projection
@@ -36,7 +37,6 @@ from booster_jax import parallel
 from booster_jax.errors import BoosterInputError
 
 GB = 1e9
-SCANNED_PASSES = ("booster",)  # methods whose passes are iterations of one lax.scan: one pass's activations live
 
 # config.json fields of well-known hub ids (only what LlamaConfig.from_hf_dict reads); "pad": whether
 # the tokenizer has a pad token (without one the run adds [PAD]: one more embedding row)
@@ -124,9 +124,37 @@ def _local_bytes(tree, sizes: dict[str, int]) -> int:
     return total
 
 
+SHARD_THRESHOLD = 0.01  # a parameter holding more than this fraction of the base must be sharded on a pod
+
+
+def check_sufficiently_sharded(params, sizes: dict[str, int]) -> None:
+    """On a mesh with fsdp or tensor > 1, every base parameter above ``SHARD_THRESHOLD`` of the model must be
+    split across devices (MaxText's ``assert_params_sufficiently_sharded``): a whole copy on every device is a
+    rule that does not apply (an axis the mesh does not divide) and costs its size on every chip."""
+    if sizes.get("fsdp", 1) * sizes.get("tensor", 1) == 1:
+        return
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    total = sum(math.prod(x.shape) for _, x in leaves)
+    whole = []
+    for path, x in leaves:
+        spec = parallel.spec_for(parallel._names(path), x.shape, sizes)
+        split = math.prod(sizes[a] for ax in spec if ax is not None for a in (ax if isinstance(ax, tuple) else (ax,)))
+        if split == 1 and math.prod(x.shape) > SHARD_THRESHOLD * total:
+            whole.append(f"{'/'.join(parallel._names(path))} {list(x.shape)}")
+    if whole:
+        raise BoosterInputError(
+            f"mesh {sizes}: these parameters would be replicated whole on every device (no dimension divides "
+            f"its mesh axis): {'; '.join(whole)}. Change mesh.fsdp / mesh.tensor so that their sizes divide")
+
+
 def activation_bytes(llama, rows: int, length: int, compute_bytes: int, tensor: int, lora_r: int,
-                     n_adapted: int) -> int:
-    """The analytic estimate of the activations one device keeps for the backward pass (see the module doc)."""
+                     n_adapted: int, remat: str = "none") -> int:
+    """The analytic estimate of the activations one device keeps for the backward pass (see the module doc).
+
+    ``remat`` (``model.remat``): "none" keeps every layer's activations; "full" keeps each layer's input
+    (D per token) plus one layer's activations, recomputed during its backward; "dots" keeps each layer's
+    input and its matmul outputs (q, k, v, o, gate, up, down and the LoRA products) plus one layer's rest.
+    """
     def split(n):  # a dimension the tensor axis shards when it divides it
         return n // tensor if n % tensor == 0 else n
 
@@ -137,7 +165,10 @@ def activation_bytes(llama, rows: int, length: int, compute_bytes: int, tensor: 
         + h * length * (4 + 4 + c)
     per_token_head = llama.vocab_size * (c + 4 + 4)
     tokens = rows * length
-    return tokens * (llama.num_layers * per_token_layer + per_token_head)
+    kept = {"none": per_token_layer, "full": d * c,
+            "dots": (4 * d + h * hd + 2 * kv * hd + 2 * f + 2 * lora_r * n_adapted) * c}[remat]
+    recomputed = 0 if remat == "none" else per_token_layer  # the layer whose backward is running
+    return tokens * (llama.num_layers * kept + recomputed + per_token_head)
 
 
 def _steps_for(cfg):
@@ -158,15 +189,16 @@ def _compiled_memory(cfg, llama, spec, method, stage, rows, mesh) -> dict:
     """XLA's memory_analysis of the jitted step on abstract, sharded inputs (nothing is allocated)."""
     from jax.sharding import NamedSharding
 
-    from booster_jax.methods.base import Forward, StepContext, get_method, init_state, make_optimizer
+    from booster_jax.methods.base import Forward, StepContext, get_method, init_state, make_optimizer, method_config
     from booster_jax.models.llama import init_params, make_model
     from booster_jax.models.lora import init_lora
 
     ms = get_method(method, stage)
     stage_cfg = getattr(cfg, stage)
     optimizer = make_optimizer(stage_cfg.optim, 1000)
-    model = make_model(llama, spec, cfg.model.dtype, cfg.model.param_dtype, deterministic=cfg.lora.dropout == 0)
-    section = getattr(stage_cfg, ms.config_section) if ms.config_section else None
+    model = make_model(llama, spec, cfg.model.dtype, cfg.model.param_dtype, deterministic=cfg.lora.dropout == 0,
+                       remat=cfg.model.remat)
+    section = method_config(ms, stage_cfg)
     params = jax.eval_shape(lambda: init_params(model, jax.random.key(0)))
     lora = jax.eval_shape(lambda: init_lora(jax.random.key(0), llama, spec))
     extra = jax.eval_shape(lambda: ms.init_extra(lora, params, section)) if ms.init_extra else ()
@@ -268,7 +300,7 @@ def _f32_check(cfg, llama, spec, method, stage, rows, mesh, sizes, act_bf16) -> 
 
 def make_plan(cfg) -> dict:
     """The plan as a dict (``print_plan`` formats it)."""
-    from booster_jax.methods.base import init_state, make_optimizer
+    from booster_jax.methods.base import get_method, init_state, make_optimizer
     from booster_jax.models.llama import DTYPES, LoraSpec, init_params, make_model
     from booster_jax.models.lora import init_lora
 
@@ -284,6 +316,7 @@ def make_plan(cfg) -> dict:
     params = jax.eval_shape(lambda: init_params(model, jax.random.key(0)))
     lora = jax.eval_shape(lambda: init_lora(jax.random.key(0), llama, spec))
     opt = jax.eval_shape(lambda: init_state(lora, make_optimizer(cfg.align.optim, 1000)).opt_state)
+    check_sufficiently_sharded(params, sizes)
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
     n_lora = sum(math.prod(x.shape) for x in jax.tree.leaves(lora))
     c = np.dtype(DTYPES[cfg.model.dtype]).itemsize
@@ -311,21 +344,26 @@ def make_plan(cfg) -> dict:
     if cfg.plan.compile and devices <= local:
         mesh = parallel.make_mesh(cfg.mesh, devices=jax.devices()[:devices])
     for label, method, stage, rows in _steps_for(cfg):
-        # gradient-sized LoRA trees alive at the peak: SFT g and the update; Booster g1, w', g2, g3, g, update
-        n_grad_trees = 6 if method.startswith("booster") else 2
-        act = max(activation_bytes(llama, -(-parallel.padded_batch(n, sizes) // parallel.batch_shards(sizes)),
-                                   cfg.data.max_length, c, sizes["tensor"], cfg.lora.r, len(cfg.lora.targets))
-                  for n in rows.values())  # the passes run one after another: the largest batch counts
+        ms = get_method(method, stage)
+        # gradient-sized LoRA trees alive at the peak (MethodSpec.gradient_trees): SFT g and the update;
+        # Booster g1, w', g2, g3, g, update
+        n_grad_trees = ms.gradient_trees
+        def act_for(remat):  # the passes run one after another: the largest batch counts
+            return max(activation_bytes(llama, -(-parallel.padded_batch(n, sizes) // parallel.batch_shards(sizes)),
+                                        cfg.data.max_length, c, sizes["tensor"], cfg.lora.r, len(cfg.lora.targets),
+                                        remat) for n in rows.values())
+
+        act = act_for(cfg.model.remat)
         est = dict(per_device, gradients=n_grad_trees * lora_local, activations=act)
         est["total"] = sum(est.values())
-        entry = {"label": label, "rows": rows, "estimate": est}
-        if (len(rows) > 1 or method.startswith("booster")) and method not in SCANNED_PASSES:
+        entry = {"label": label, "rows": rows, "estimate": est,
+                 "activations_by_remat": {r: act_for(r) for r in ("none", "full", "dots")}}
+        if ms.passes > 1 and not ms.scanned_passes:
             # Measured (benchmarks/bench_memory.py, XLA CPU): the scan residual buffers of every pass are
             # allocated at the start of the step, so a multi-pass step written as plain calls can hold all
-            # its passes' activations (Booster runs its passes as one lax.scan and does not).
-            n_pass = 3 if method.startswith("booster") else len(rows)
-            entry["all_passes_total"] = est["total"] + (n_pass - 1) * act
-            entry["passes"] = n_pass
+            # its passes' activations (the Booster pass engine runs them as one lax.scan and does not).
+            entry["all_passes_total"] = est["total"] + (ms.passes - 1) * act
+            entry["passes"] = ms.passes
         if mesh is not None:
             try:
                 entry["compiled"] = _compiled_memory(cfg, llama, spec, method, stage, rows, mesh)
@@ -374,7 +412,10 @@ def print_plan(cfg) -> dict:
         lines.append(f"\n{s['label']}  (rows per stream: {s['rows']})   per device:")
         for k in ("base_params", "gathered_weights", "lora", "optimizer", "gradients", "activations", "total"):
             if k in e:
-                lines.append(f"  {k:<17}{_gb(e[k])}")
+                lines.append(f"  {k:<17}{_gb(e[k])}" + (f"   (model.remat={cfg.model.remat})" if k == "activations" else ""))
+        by = s["activations_by_remat"]
+        lines.append("  activations by model.remat: " + ", ".join(
+            f"{r} {by[r] / GB:.2f} GB" for r in ("none", "dots", "full")))
         if "compiled" in s and s["compiled"]:
             m = s["compiled"]
             lines.append(f"  compiled ({m['backend']}): arguments {m['argument'] / GB:.2f} GB, outputs "

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from booster_jax.config import LisaConfig, OptimConfig, RepNoiseConfig, VaccineConfig, load_config
-from booster_jax.methods.base import StepContext, get_method, init_state, make_optimizer
+from booster_jax.methods.base import StepContext, get_method, init_state, make_optimizer, method_config
 from booster_jax.methods.booster_vaccine import BoosterVaccineSections, booster_vaccine_gradient
 from booster_jax.methods.lisa import ALIGNMENT, init_lisa_extra, make_lisa_step, next_phase
 from booster_jax.methods.repnoise import gaussian_noise, masked_token_ce, mmd, official_pair_mask, repnoise_loss
@@ -150,7 +150,8 @@ def test_vaccine_matches_official(setup):
 
 def test_booster_vaccine_matches_official(setup):
     bs = plain_batches(setup.vocab)
-    section = load_config(None, ["align.vaccine.rho=2.0"]).align.booster_vaccine  # what the stage passes
+    section = method_config(get_method("booster_vaccine", "align"),  # what the stage passes
+                            load_config(None, ["align.vaccine.rho=2.0"]).align)
     ours = run_ours(setup, "booster_vaccine", "align", section, bs)
     ref = reference(setup, rho=2.0, lam=5.0, alpha=0.1)
     w, h = torch_run(setup, ref, [lambda r, b=b: r.booster_vaccine_step(to_torch(b["align"]), to_torch(b["harmful"]))
@@ -337,10 +338,10 @@ def test_lisa_schedule_matches_check_mode():
 
 def test_registry():
     assert get_method("vaccine", "align").streams == ("align",)
-    assert get_method("booster_vaccine", "align").config_section == "booster_vaccine"
+    assert get_method("booster_vaccine", "align").config_section == ("booster", "vaccine")
     assert get_method("repnoise", "align").streams == ("align", "harmful")
     lisa = get_method("lisa", "finetune")
     assert lisa.streams == ("task", "align") and lisa.config_section == "lisa" and lisa.init_extra is not None
     cfg = load_config(None, ["align.method=booster_vaccine", "align.booster.lam=3", "align.vaccine.rho=4"])
-    sec = getattr(cfg.align, get_method("booster_vaccine", "align").config_section)
+    sec = method_config(get_method("booster_vaccine", "align"), cfg.align)
     assert sec.booster.lam == 3.0 and sec.vaccine.rho == 4.0

@@ -570,9 +570,10 @@ def read_prompts(
     return _collect(records, convert, src, n, skip_bad_rows, allow_fewer, what="prompts")
 
 
+# data.task -> the reader of its train / evaluation file (the fine-tuning stage and the evaluation use this map)
 READERS = {
-    "instructions": read_instructions,
     "sst2": read_sst2,
     "agnews": read_agnews,
     "gsm8k": read_gsm8k,
+    "alpaca": read_instructions,
 }

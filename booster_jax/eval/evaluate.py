@@ -27,10 +27,6 @@ from booster_jax.methods.base import lm_loss
 
 log = logging.getLogger(__name__)
 
-TASK_READERS = {"sst2": formats.read_sst2, "agnews": formats.read_agnews, "gsm8k": formats.read_gsm8k,
-                "alpaca": formats.read_instructions}
-
-
 def make_judge(cfg: Config):
     import booster_jax.data.synthetic.judge  # noqa: F401  (registers "synthetic")
 
@@ -86,8 +82,8 @@ def eval_sets(cfg: Config) -> tuple[list[Example], list[Example]]:
     skip = cfg.data.skip_bad_rows  # one rule for every file
     harmful = list(formats.read_beavertails_eval_prompts(cfg.data.eval_harmful_file, n=cfg.data.n_eval_harmful,
                                                          split=None, allow_fewer=True, skip_bad_rows=skip))
-    task = list(TASK_READERS[cfg.data.task](cfg.data.task_eval_file or cfg.data.task_file, n=cfg.data.n_eval_task,
-                                            allow_fewer=True, skip_bad_rows=skip))
+    task = list(formats.READERS[cfg.data.task](cfg.data.task_eval_file or cfg.data.task_file,
+                                               n=cfg.data.n_eval_task, allow_fewer=True, skip_bad_rows=skip))
     if cfg.data.n_eval_harmful and not harmful:
         raise BoosterInputError(f"{cfg.data.eval_harmful_file}: no unsafe prompts to evaluate")
     if cfg.data.n_eval_task and not task:

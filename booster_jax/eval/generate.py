@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from booster_jax.errors import BoosterInputError
-from booster_jax.models.llama import Llama, init_cache, variables
+from booster_jax.models.llama import Llama, init_cache, lm_head, variables
 
 DEFAULT_BUCKET = 32
 PADDING_SIDES = ("left", "right")
@@ -62,20 +62,6 @@ def pad_prompts(prompts: Sequence[Sequence[int]], length: int, pad_id: int,
         ids[row, sl] = p
         mask[row, sl] = 1
     return ids, mask
-
-
-def lm_head(model: Llama, params: dict, hidden: jnp.ndarray) -> jnp.ndarray:
-    """Final normed hidden states -> float32 logits, computed as ``Llama`` computes them.
-
-    Applied to the gathered last prompt position only, so prefill never builds
-    ``[B, T, vocab]`` logits (a 32k vocabulary makes that the largest buffer).
-    """
-    if model.cfg.tie_word_embeddings:
-        w = params["embed_tokens"]["embedding"].astype(model.dtype)
-        logits = jnp.dot(hidden.astype(model.dtype), w.T)
-    else:
-        logits = jnp.dot(hidden.astype(model.dtype), params["lm_head"]["kernel"].astype(model.dtype))
-    return logits.astype(jnp.float32)
 
 
 def prefill(model: Llama, params: dict, lora, ids: jnp.ndarray, mask: jnp.ndarray, cache_len: int):

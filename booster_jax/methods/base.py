@@ -41,7 +41,7 @@ class Forward:
         """``rng``: the dropout key, needed only when the model is built with ``deterministic=False``."""
         params, lora = (frozen, trainable) if self.trainable_is_lora else (trainable, None)
         return self.model.apply(variables(params, lora, **collections), batch["input_ids"],
-                                batch["attention_mask"], output=output,
+                                batch["attention_mask"], positions=batch.get("positions"), output=output,
                                 rngs=None if rng is None else {"dropout": rng})
 
 
@@ -111,12 +111,34 @@ class StepContext:
 
 @dataclasses.dataclass(frozen=True)
 class MethodSpec:
+    """A method and everything the rest of the code asks about it, so nothing outside ``methods/``
+    tests a method's name (the stages, the planner and the benchmarks read these fields)."""
+
     name: str
     stage: str  # "align" or "finetune"
     streams: tuple[str, ...]  # batch streams the step reads, e.g. ("align", "harmful")
     make_step: Callable[[StepContext], Callable]
-    config_section: str = ""  # e.g. "booster": the cfg section passed as ctx.cfg
+    # the stage-config section(s) passed as ctx.cfg: "booster" -> cfg.align.booster; a tuple of names ->
+    # one object with an attribute per section (Booster + Vaccine reads .booster and .vaccine)
+    config_section: str | tuple[str, ...] = ""
     init_extra: Callable | None = None  # (trainable, frozen, cfg section) -> extra state (e.g. Lisa anchors)
+    passes: int = 1  # forward-backward passes per step (the planner's activation count)
+    scanned_passes: bool = False  # the passes are iterations of one lax.scan: one pass's activations live
+    gradient_trees: int = 2  # trainable-sized trees alive at the step's peak (SFT: g and the update)
+    continues_lora: bool = False  # alignment method whose LoRA the attack keeps training (continue_alignment_lora=auto)
+    sft_warm_start: bool = True  # align.warmup_sft_steps applies (false for SFT itself)
+
+
+def method_config(spec: MethodSpec, stage_cfg) -> Any:
+    """What ``spec`` reads of a stage's config (``AlignConfig``/``FinetuneConfig``) as ``ctx.cfg``; None if nothing."""
+    sec = spec.config_section
+    if not sec:
+        return None
+    if isinstance(sec, str):
+        return getattr(stage_cfg, sec)
+    import types
+
+    return types.SimpleNamespace(**{name: getattr(stage_cfg, name) for name in sec})
 
 
 STAGES = ("align", "finetune")

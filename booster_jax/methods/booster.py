@@ -22,8 +22,8 @@ import jax
 import jax.numpy as jnp
 
 from booster_jax.config import BoosterConfig
-from booster_jax.methods.base import MethodSpec, StepContext, apply_gradients, global_norm, register
-from booster_jax.methods.sft import lm_value_and_grad
+from booster_jax.methods.base import MethodSpec, StepContext, apply_gradients, global_norm, lm_loss, register
+from booster_jax.methods.vaccine import EPS as PROBE_EPS, zero_probe
 
 
 def booster_update(g3, g1, g2, lam, perturbed_term: bool = True):
@@ -51,35 +51,72 @@ def common_shape(a: dict, b: dict) -> tuple[dict, dict]:
     return pad(a), pad(b)
 
 
-def booster_gradient(forward, cfg: BoosterConfig, trainable, frozen, batches, rng=None):
-    """The Booster update direction before the optimizer, and its metrics.
+def _stack_keys(rng, paths):
+    """One dropout key per pass; ``paths[i]`` is the fold_in chain of pass i (None without an rng)."""
+    if rng is None:
+        return None
+    keys = []
+    for chain in paths:
+        k = rng
+        for j in chain:
+            k = jax.random.fold_in(k, j)
+        keys.append(k)
+    return jnp.stack(keys)
 
-    The three passes (h at w, h at w', f at w) are the iterations of one ``lax.scan``: a loop
-    body's buffers are reused, so only one pass's activations are alive at a time and the step
-    needs SFT's memory plus LoRA-sized gradient copies (written as three plain calls, XLA
-    allocated all three passes' activations at once: 1.7-2.4x SFT's peak; benchmarks/bench_memory.py).
-    Each pass draws its own dropout key (the official passes are separate train-mode forwards).
-    ``cfg.lam``/``cfg.alpha`` may be traced scalars; the step passes Python floats.
+
+def booster_passes(forward, cfg: BoosterConfig, trainable, frozen, batches, rng=None, attention_rho=None):
+    """The Booster pass engine: every forward-backward pass of a Booster step as one ``lax.scan``.
+
+    Passes: h at w (-> g1), h at w' = w - alpha * g1 / (||g1|| + eps) (-> g2), then the alignment
+    gradient g3: f at w (plain Booster) or, with ``attention_rho`` (Booster + Vaccine), f at w with a
+    zero attention probe (its probe gradient g_l) and f with eps_l = rho * g_l / (||g|| + 1e-7) added to
+    every attention output (-> g3). A loop body's buffers are reused, so only one pass's activations
+    are alive at a time: every Booster variant needs SFT's memory plus LoRA-sized gradient copies
+    (written as plain calls, XLA allocated every pass's activations at once: 1.7-2.4x SFT's peak;
+    benchmarks/bench_memory.py). Each pass draws its own dropout key, the same keys as the step's
+    earlier plain-call form. ``cfg.lam``/``cfg.alpha``/``attention_rho`` may be traced scalars.
+
+    Returns (g1, g2, g3, losses per pass, ||g_l|| or None).
     """
-    lam, alpha, eps = cfg.lam, cfg.alpha, cfg.eps
-    value_and_grad = lm_value_and_grad(forward)
+    alpha, eps = cfg.alpha, cfg.eps
     harmful, align = common_shape(batches["harmful"], batches["align"])
-    stacked = jax.tree.map(lambda h, a: jnp.stack([h, h, a]), harmful, align)
-    keys = None if rng is None else jnp.stack([jax.random.fold_in(rng, i) for i in range(3)])
+    probe = attention_rho is not None
+    order = (harmful, harmful, align) + ((align,) if probe else ())
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *order)
+    keys = _stack_keys(rng, [(0,), (1,)] + ([(2, 0), (2, 1)] if probe else [(2,)]))
+    last = len(order) - 1
 
-    def one_pass(g1, xs):
+    def loss_fn(weights, eps_probe, batch, key):
+        return lm_loss(forward(weights, frozen, batch, rng=key, probe=eps_probe), batch)
+
+    def one_pass(carry, xs):
+        g1, probe_g = carry
         i, batch, key = xs
-        # pass 0: w; pass 1: w' = w - alpha * g1 / (||g1|| + eps); pass 2: w (alignment batch)
         scale = jnp.where(i == 1, alpha / (global_norm(g1) + eps), 0.0)
         weights = jax.tree.map(lambda w, g: w - (scale * g).astype(w.dtype), trainable, g1)
-        loss, g = value_and_grad(weights, frozen, batch, key)
+        if probe:  # pass `last` adds eps_l; the others add a zero probe (x + 0 changes nothing)
+            pscale = jnp.where(i == last, attention_rho / (global_norm(probe_g) + PROBE_EPS), 0.0)
+            eps_probe = jax.tree.map(lambda g: pscale * g, probe_g)
+            loss, (g, pg) = jax.value_and_grad(loss_fn, argnums=(0, 1))(weights, eps_probe, batch, key)
+            probe_g = jax.tree.map(lambda old, new: jnp.where(i == last - 1, new, old), probe_g, pg)
+        else:
+            loss, g = jax.value_and_grad(loss_fn)(weights, None, batch, key)
         g1 = jax.tree.map(lambda old, new: jnp.where(i == 0, new, old), g1, g)
-        return g1, (loss, g)
+        return (g1, probe_g), (loss, g)
 
     zeros = jax.tree.map(jnp.zeros_like, trainable)
-    g1, (losses, grads3) = jax.lax.scan(one_pass, zeros, (jnp.arange(3), stacked, keys))
-    g2, g3 = (jax.tree.map(lambda x, k=k: x[k], grads3) for k in (1, 2))
-    grads = booster_update(g3, g1, g2, lam, cfg.perturbed_term)
+    probe0 = zero_probe(forward, align) if probe else None
+    with jax.named_scope("booster_passes"):
+        (g1, probe_g), (losses, grads) = jax.lax.scan(one_pass, (zeros, probe0),
+                                                      (jnp.arange(len(order)), stacked, keys))
+    g2, g3 = (jax.tree.map(lambda x, k=k: x[k], grads) for k in (1, last))
+    return g1, g2, g3, losses, (global_norm(probe_g) if probe else None)
+
+
+def booster_gradient(forward, cfg: BoosterConfig, trainable, frozen, batches, rng=None):
+    """The Booster update direction before the optimizer, and its metrics (passes: ``booster_passes``)."""
+    g1, g2, g3, losses, _ = booster_passes(forward, cfg, trainable, frozen, batches, rng)
+    grads = booster_update(g3, g1, g2, cfg.lam, cfg.perturbed_term)
     metrics = {"loss": losses[2], "harmful_loss": losses[0], "harmful_loss_perturbed": losses[1],
                "harmful_grad_norm": global_norm(g1), "grad_norm": global_norm(grads)}
     return grads, metrics
@@ -102,4 +139,5 @@ def make_booster_step(ctx: StepContext):
 
 
 BOOSTER = register(MethodSpec(name="booster", stage="align", streams=("align", "harmful"),
-                              make_step=make_booster_step, config_section="booster"))
+                              make_step=make_booster_step, config_section="booster", passes=3,
+                              scanned_passes=True, gradient_trees=6, continues_lora=True))

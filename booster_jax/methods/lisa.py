@@ -115,4 +115,5 @@ def make_lisa_step(ctx: StepContext, total_steps: int | None = None):
 
 
 LISA = register(MethodSpec(name="lisa", stage="finetune", streams=("task", "align"), make_step=make_lisa_step,
-                           config_section="lisa", init_extra=init_lisa_extra))
+                           config_section="lisa", init_extra=init_lisa_extra,
+                           passes=2))  # both phases are compiled into the step (one lax.cond)

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 
 from booster_jax.config import RepNoiseConfig
 from booster_jax.methods.base import Forward, MethodSpec, StepContext, apply_gradients, global_norm, register
-from booster_jax.models.llama import MLP, RMSNorm, variables
+from booster_jax.models.llama import MLP, RMSNorm, lm_head, variables
 
 CAPTURE = "probe"
 KERNEL_MUL, KERNEL_NUM = 2.0, 5  # official MMD_loss defaults
@@ -142,14 +142,7 @@ def head_fns(forward: Forward, frozen):
         return norm_mod.apply({"params": frozen["norm"]}, h)
 
     def logits(h):
-        x = norm(h)
-        if cfg.tie_word_embeddings:
-            out = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=pdt).apply(
-                {"params": frozen["embed_tokens"]}, x, method="attend")
-        else:
-            out = nn.Dense(cfg.vocab_size, use_bias=False, dtype=dtype, param_dtype=pdt).apply(
-                {"params": frozen["lm_head"]}, x)
-        return out.astype(jnp.float32)
+        return lm_head(model, frozen, norm(h))
 
     return norm, logits
 
@@ -220,4 +213,4 @@ def make_repnoise_step(ctx: StepContext):
 
 
 REPNOISE = register(MethodSpec(name="repnoise", stage="align", streams=("align", "harmful"),
-                               make_step=make_repnoise_step, config_section="repnoise"))
+                               make_step=make_repnoise_step, config_section="repnoise", passes=2))

@@ -38,6 +38,7 @@ def make_sft_step(ctx: StepContext, stream: str = "align"):
     return step
 
 
-SFT_ALIGN = register(MethodSpec(name="sft", stage="align", streams=("align",), make_step=make_sft_step))
+SFT_ALIGN = register(MethodSpec(name="sft", stage="align", streams=("align",), make_step=make_sft_step,
+                                sft_warm_start=False))
 SFT_FINETUNE = register(MethodSpec(name="sft", stage="finetune", streams=("task",),
                                    make_step=functools.partial(make_sft_step, stream="task")))

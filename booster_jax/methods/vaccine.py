@@ -84,4 +84,4 @@ def make_vaccine_step(ctx: StepContext):
 
 
 VACCINE = register(MethodSpec(name="vaccine", stage="align", streams=("align",), make_step=make_vaccine_step,
-                              config_section="vaccine"))
+                              config_section="vaccine", passes=2))

@@ -21,7 +21,7 @@ import numpy as np
 
 from booster_jax import files
 from booster_jax.errors import BoosterInputError
-from booster_jax.models.llama import DTYPES, LlamaConfig, init_params, make_model
+from booster_jax.models.llama import DTYPES, PROJECTIONS, LlamaConfig, init_params, make_model
 
 ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "F64": np.float64,
              "I64": np.int64, "I32": np.int32}
@@ -149,6 +149,8 @@ def hf_tensor_name(path: tuple[str, ...]) -> tuple[str, bool]:
     if path[-1] == "scale":
         return f"model.layers.{{i}}.{path[1]}.weight", False
     block, proj, leaf = path[1], path[2], path[3]
+    if PROJECTIONS.get(proj, ("",))[0] != block:  # the model's schema names every projection and its block
+        raise BoosterInputError(f"parameter {'/'.join(path)}: not a projection of the model's schema (PROJECTIONS)")
     return f"model.layers.{{i}}.{block}.{proj}.{'weight' if leaf == 'kernel' else 'bias'}", leaf == "kernel"
 
 

@@ -12,9 +12,10 @@ on a leading axis with ``nn.scan`` so a 32-layer model compiles one layer.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import math
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 import jax
@@ -24,9 +25,47 @@ from booster_jax.errors import BoosterInputError
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# The schema of the projections, declared once where the model creates them: name -> (block, logical axis
+# of the input features, of the output features). LoRA targets, the LoRA tree's layout and shapes
+# (models/lora.py), the sharding rules (parallel.py) and the activation constraints read this table.
+PROJECTIONS: dict[str, tuple[str, str, str]] = {
+    "q_proj": ("self_attn", "embed", "heads"), "k_proj": ("self_attn", "embed", "heads"),
+    "v_proj": ("self_attn", "embed", "heads"), "o_proj": ("self_attn", "heads", "embed"),
+    "gate_proj": ("mlp", "embed", "mlp"), "up_proj": ("mlp", "embed", "mlp"), "down_proj": ("mlp", "mlp", "embed"),
+}
+LORA_TARGETS = tuple(PROJECTIONS)
+
+# Set by ``parallel.shard_activations`` while a step is traced: (x, logical name of x's last axis) -> x with
+# its sharding constrained (batch over the batch axes). None (the default): constraints are identities.
+ACTIVATION_SHARDING: contextvars.ContextVar[Callable | None] = contextvars.ContextVar("activation_sharding",
+                                                                                    default=None)
+
+
+def constrain(x, feature_axis: str | None = None, rows: str = "batch"):
+    """Pin activation ``x`` [batch, ..., features]: rows over the batch axes, the last axis by its logical
+    name (heads / mlp / vocab on the tensor axis; embed whole). Written at the layer boundaries inside the
+    model, so renaming a module cannot drop a constraint; a no-op outside ``parallel.shard_activations``.
+    ``rows="vocab"``: ``x`` is the embedding table about to be gathered from (its D is gathered first)."""
+    fn = ACTIVATION_SHARDING.get()
+    return x if fn is None else fn(x, feature_axis, rows)
+
+
+class Embed(nn.Embed):
+    """``nn.Embed`` whose lookup gathers from a table with D whole (vocab rows stay sharded): a lookup from
+    the FSDP-sharded table gave a [B, T, D] with D on fsdp, which XLA could not reshard to the batch-sharded
+    activation without replicating it ("Involuntary full rematerialization" on the (2, 2, 2) mesh)."""
+
+    def __call__(self, inputs):
+        return jnp.take(constrain(self.embedding.astype(self.dtype), rows="vocab"), inputs, axis=0)
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+# model.remat: what the backward pass keeps of each scanned layer (jax.checkpoint policies). "none" keeps
+# every activation; "full" keeps the layer's input and recomputes the layer in the backward pass;
+# "dots" keeps the outputs of the matmuls without batch dimensions (the projections) and recomputes the
+# rest (norms, RoPE, attention scores and softmax, SiLU).
+REMAT_POLICIES = {"none": None, "full": jax.checkpoint_policies.nothing_saveable,
+                  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,6 +180,14 @@ class LlamaConfig:
         return dataclasses.replace(self, **kw)
 
 
+def projection_shape(cfg: LlamaConfig, proj: str) -> tuple[int, int]:
+    """(in_features, out_features) of a projection of ``PROJECTIONS``."""
+    size = {"embed": cfg.hidden_size, "mlp": cfg.intermediate_size}
+    heads = {"q_proj": cfg.num_heads, "o_proj": cfg.num_heads}.get(proj, cfg.num_kv_heads) * cfg.head_dim
+    _, i, o = PROJECTIONS[proj]
+    return size.get(i, heads), size.get(o, heads)
+
+
 @dataclasses.dataclass(frozen=True)
 class LoraSpec:
     """Which projections carry adapters and how they are scaled (scaling = alpha / r, as PEFT)."""
@@ -193,7 +240,7 @@ class RMSNorm(nn.Module):
         scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return scale.astype(self.dtype) * normed.astype(self.dtype)
+        return constrain(scale.astype(self.dtype) * normed.astype(self.dtype))
 
 
 class LoraDense(nn.Module):
@@ -206,6 +253,7 @@ class LoraDense(nn.Module):
     lora_scaling: float = 1.0
     lora_dropout: float = 0.0
     deterministic: bool = True
+    out_axis: str | None = None  # logical name of the output features (PROJECTIONS)
 
     @nn.compact
     def __call__(self, x):
@@ -220,7 +268,7 @@ class LoraDense(nn.Module):
             if self.lora_dropout > 0 and not self.deterministic:
                 h = nn.Dropout(self.lora_dropout)(h, deterministic=False)
             y = y + (jnp.dot(jnp.dot(h, a.astype(self.dtype)), b.astype(self.dtype)) * self.lora_scaling).astype(y.dtype)
-        return y
+        return constrain(y, self.out_axis)
 
 
 class Attention(nn.Module):
@@ -230,17 +278,17 @@ class Attention(nn.Module):
     param_dtype: Any
     deterministic: bool = True
 
-    def dense(self, name, features, bias):
-        return LoraDense(features, bias, self.dtype, self.param_dtype, self.lora.scaling, self.lora.dropout,
-                         self.deterministic, name=name)
+    def dense(self, name, bias):
+        return LoraDense(projection_shape(self.cfg, name)[1], bias, self.dtype, self.param_dtype, self.lora.scaling,
+                         self.lora.dropout, self.deterministic, PROJECTIONS[name][2], name=name)
 
     @nn.compact
     def __call__(self, x, positions, key_valid, cache_index):
         cfg = self.cfg
         b, t, _ = x.shape
-        q = self.dense("q_proj", cfg.num_heads * cfg.head_dim, cfg.qkv_bias)(x)
-        k = self.dense("k_proj", cfg.num_kv_heads * cfg.head_dim, cfg.qkv_bias)(x)
-        v = self.dense("v_proj", cfg.num_kv_heads * cfg.head_dim, cfg.qkv_bias)(x)
+        q = self.dense("q_proj", cfg.qkv_bias)(x)
+        k = self.dense("k_proj", cfg.qkv_bias)(x)
+        v = self.dense("v_proj", cfg.qkv_bias)(x)
         q = q.reshape(b, t, cfg.num_heads, cfg.head_dim)
         k = k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
         v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
@@ -262,6 +310,12 @@ class Attention(nn.Module):
         if cfg.sliding_window:
             allowed &= key_slots[None, :] > query_slots[:, None] - cfg.sliding_window
         allowed = allowed[None, None] & key_valid[:, None, None, :].astype(bool)  # [B, 1, T, S]
+        if not self.has_variable("cache", "k"):
+            # Packed rows: key_valid holds segment ids (1, 2, ...; 0 = padding) and a token attends within
+            # its own segment; with a 0/1 mask this is the mask above (padding queries keep attending).
+            seg = key_valid.astype(jnp.int32)
+            same = (seg[:, :, None] == seg[:, None, :]) | (seg[:, :, None] == 0)
+            allowed &= same[:, None]
 
         groups = cfg.num_heads // cfg.num_kv_heads
         qg = q.reshape(b, t, cfg.num_kv_heads, groups, cfg.head_dim)
@@ -271,7 +325,7 @@ class Attention(nn.Module):
         probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
         out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(self.dtype))
         out = out.reshape(b, t, cfg.num_heads * cfg.head_dim)
-        return self.dense("o_proj", cfg.hidden_size, cfg.o_bias)(out)
+        return self.dense("o_proj", cfg.o_bias)(out)
 
 
 class MLP(nn.Module):
@@ -285,13 +339,13 @@ class MLP(nn.Module):
     def __call__(self, x):
         cfg = self.cfg
 
-        def dense(name, features):
-            return LoraDense(features, cfg.mlp_bias, self.dtype, self.param_dtype, self.lora.scaling,
-                             self.lora.dropout, self.deterministic, name=name)
+        def dense(name):
+            return LoraDense(projection_shape(cfg, name)[1], cfg.mlp_bias, self.dtype, self.param_dtype,
+                             self.lora.scaling, self.lora.dropout, self.deterministic, PROJECTIONS[name][2], name=name)
 
-        gate = dense("gate_proj", cfg.intermediate_size)(x)
-        up = dense("up_proj", cfg.intermediate_size)(x)
-        return dense("down_proj", cfg.hidden_size)(jax.nn.silu(gate) * up)
+        gate = dense("gate_proj")(x)
+        up = dense("up_proj")(x)
+        return dense("down_proj")(jax.nn.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -304,17 +358,48 @@ class DecoderLayer(nn.Module):
 
     @nn.compact
     def __call__(self, x, positions, key_valid, cache_index):
-        cfg = self.cfg
-        h = RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype, name="input_layernorm")(x)
-        attn = Attention(cfg, self.lora, self.dtype, self.param_dtype, self.deterministic, name="self_attn")(
-            h, positions, key_valid, cache_index)
-        if self.has_variable("probe", "attn_out"):
-            # Vaccine: an additive perturbation of this attention block's output (zero-valued probe -> gradient).
-            attn = attn + self.get_variable("probe", "attn_out").astype(attn.dtype)
-        x = x + attn
-        h = RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype, name="post_attention_layernorm")(x)
-        x = x + MLP(cfg, self.lora, self.dtype, self.param_dtype, self.deterministic, name="mlp")(h)
-        return x, (x if self.collect else None)
+        with jax.named_scope("decoder_layer"):  # a profile groups each layer's ops under one name
+            cfg = self.cfg
+            h = RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype, name="input_layernorm")(x)
+            attn = Attention(cfg, self.lora, self.dtype, self.param_dtype, self.deterministic, name="self_attn")(
+                h, positions, key_valid, cache_index)
+            if self.has_variable("probe", "attn_out"):
+                # Vaccine: an additive perturbation of this attention block's output (zero-valued probe -> gradient).
+                attn = attn + self.get_variable("probe", "attn_out").astype(attn.dtype)
+            x = x + attn
+            h = RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype, name="post_attention_layernorm")(x)
+            x = constrain(x + MLP(cfg, self.lora, self.dtype, self.param_dtype, self.deterministic, name="mlp")(h))
+            return x, (x if self.collect else None)
+
+
+class LMHead(nn.Module):
+    """Final normed hidden states -> float32 logits: the one LM head (the model, generation, RepNoise).
+
+    Untied: its own ``kernel`` [D, V] (params path ``lm_head/kernel``). Tied: the embedding table, passed
+    in as ``tied_embedding`` [V, D] (no parameter of its own)."""
+
+    vocab_size: int
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x, tied_embedding=None):
+        if tied_embedding is not None:
+            w = tied_embedding.T
+        else:
+            w = self.param("kernel", nn.initializers.normal(0.02), (x.shape[-1], self.vocab_size), self.param_dtype)
+        return constrain(jnp.dot(x.astype(self.dtype), w.astype(self.dtype)), "vocab").astype(jnp.float32)
+
+
+def lm_head(model: "Llama", params: dict, hidden: jnp.ndarray) -> jnp.ndarray:
+    """``model``'s LM head applied to final normed ``hidden`` [..., D] with the base ``params`` -> float32 logits.
+
+    For callers that hold hidden states already (generation applies it to the last prompt position only,
+    so prefill never builds ``[B, T, V]`` logits; RepNoise scores every layer's states)."""
+    head = LMHead(model.cfg.vocab_size, model.dtype, model.param_dtype)
+    if model.cfg.tie_word_embeddings:
+        return head.apply({}, hidden, tied_embedding=params["embed_tokens"]["embedding"])
+    return head.apply({"params": params["lm_head"]}, hidden)
 
 
 class Llama(nn.Module):
@@ -326,6 +411,7 @@ class Llama(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     deterministic: bool = True
+    remat: str = "none"  # REMAT_POLICIES
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, positions=None, cache_index=0, output="logits"):
@@ -335,11 +421,16 @@ class Llama(nn.Module):
             attention_mask = jnp.ones((b, t), jnp.int32)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t)[None], (b, t))
-        embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
+        embed = Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
                          embedding_init=nn.initializers.normal(0.02), name="embed_tokens")
-        x = embed(input_ids)
+        x = constrain(embed(input_ids))
+        if self.remat not in REMAT_POLICIES:
+            raise BoosterInputError(f"model.remat {self.remat!r}: expected one of {tuple(REMAT_POLICIES)}")
+        layer = DecoderLayer
+        if self.remat != "none":  # inside the scan: each layer's backward recomputes what the policy drops
+            layer = nn.remat(DecoderLayer, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
         layers = nn.scan(
-            DecoderLayer,
+            layer,
             variable_axes={"params": 0, "lora": 0, "probe": 0, "cache": 0},
             split_rngs={"params": True, "dropout": True},
             in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
@@ -349,20 +440,16 @@ class Llama(nn.Module):
         x = RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype, name="norm")(x)
         if output == "hidden":
             return x
-        if cfg.tie_word_embeddings:
-            logits = embed.attend(x)
-        else:
-            logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-                              kernel_init=nn.initializers.normal(0.02), name="lm_head")(x)
-        logits = logits.astype(jnp.float32)
+        head = LMHead(cfg.vocab_size, self.dtype, self.param_dtype, name="lm_head")
+        logits = head(x, tied_embedding=embed.embedding if cfg.tie_word_embeddings else None)
         if output == "all":
             return logits, per_layer
         return logits
 
 
 def make_model(cfg: LlamaConfig, lora: LoraSpec = LoraSpec(), dtype: str = "float32",
-               param_dtype: str = "float32", deterministic: bool = True) -> Llama:
-    return Llama(cfg, lora, DTYPES[dtype], DTYPES[param_dtype], deterministic)
+               param_dtype: str = "float32", deterministic: bool = True, remat: str = "none") -> Llama:
+    return Llama(cfg, lora, DTYPES[dtype], DTYPES[param_dtype], deterministic, remat)
 
 
 def variables(params, lora=None, **extra) -> dict:

@@ -15,22 +15,10 @@ import numpy as np
 
 from booster_jax import files
 from booster_jax.errors import BoosterInputError
-from booster_jax.models.llama import LORA_TARGETS, LlamaConfig, LoraSpec
+from booster_jax.models.llama import LORA_TARGETS, PROJECTIONS, LlamaConfig, LoraSpec, projection_shape
 
-BLOCK_OF = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
-            "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+BLOCK_OF = {name: block for name, (block, _, _) in PROJECTIONS.items()}  # the model's schema
 PEFT_PREFIX = "base_model.model.model.layers"
-
-
-def projection_shape(cfg: LlamaConfig, proj: str) -> tuple[int, int]:
-    """(in_features, out_features) of a projection."""
-    d, hd = cfg.hidden_size, cfg.head_dim
-    return {
-        "q_proj": (d, cfg.num_heads * hd), "k_proj": (d, cfg.num_kv_heads * hd),
-        "v_proj": (d, cfg.num_kv_heads * hd), "o_proj": (cfg.num_heads * hd, d),
-        "gate_proj": (d, cfg.intermediate_size), "up_proj": (d, cfg.intermediate_size),
-        "down_proj": (cfg.intermediate_size, d),
-    }[proj]
 
 
 def check_spec(spec: LoraSpec) -> None:

@@ -51,7 +51,7 @@ def _accumulate(window, metrics, step):
 
 def _count_tokens(batches: Mapping[str, Mapping], tokens_key: str | None) -> int:
     keys = [tokens_key] if tokens_key is not None else list(batches)
-    return int(sum(np.asarray(batches[k]["attention_mask"]).sum() for k in keys))
+    return int(sum(np.count_nonzero(np.asarray(batches[k]["attention_mask"])) for k in keys))  # packed: segment ids
 
 
 def _trim_metrics_file(path: str, name: str, keep_upto: int) -> None:

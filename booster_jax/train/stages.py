@@ -20,12 +20,12 @@ import jax
 import jax.numpy as jnp
 
 from booster_jax import files, fingerprint, parallel, rundir
-from booster_jax.config import BOOSTER_FAMILY, Config, config_fingerprint, config_to_dict
+from booster_jax.config import Config, config_fingerprint, config_to_dict
 from booster_jax.data import formats, mixture
 from booster_jax.data.batches import BatchStream
 from booster_jax.data.template import tokenize_examples
 from booster_jax.errors import BoosterInputError
-from booster_jax.methods.base import Forward, StepContext, get_method, init_state, make_optimizer
+from booster_jax.methods.base import Forward, StepContext, get_method, init_state, make_optimizer, method_config
 from booster_jax.models import hf
 from booster_jax.models.llama import LlamaConfig, LoraSpec, make_model
 from booster_jax.models.lora import init_lora, merge_lora
@@ -78,13 +78,21 @@ def lora_spec(cfg: Config) -> LoraSpec:
 
 def forward_for(cfg: Config, base: Base) -> Forward:
     model = make_model(base.llama, lora_spec(cfg), cfg.model.dtype, cfg.model.param_dtype,
-                       deterministic=cfg.lora.dropout == 0)
+                       deterministic=cfg.lora.dropout == 0, remat=cfg.model.remat)
     return Forward(model)
 
 
-def stream(items, batch_size: int, seed: int, cfg: Config, tokenizer, infinite: bool = False) -> BatchStream:
+def stream(items, batch_size: int, seed: int, cfg: Config, tokenizer, infinite: bool = False,
+           pack: bool = False) -> BatchStream:
     return BatchStream(items, batch_size, seed=seed, pad_id=tokenizer.pad_token_id,
-                       buckets=cfg.data.bucket_lengths, infinite=infinite, drop_last=cfg.data.drop_last)
+                       buckets=cfg.data.bucket_lengths, infinite=infinite, drop_last=cfg.data.drop_last,
+                       group_by_length=cfg.data.group_by_length, pack=pack,
+                       pack_length=cfg.data.pack_length if pack else 0)
+
+
+def batching_sections(cfg: Config, *names: str) -> list[str]:
+    """The batching options among ``names`` that are on (off ones leave older fingerprints unchanged)."""
+    return [f"data.{n}" for n in names if getattr(cfg.data, n)]
 
 
 def total_steps(stage_cfg, steps_per_epoch: int) -> int:
@@ -159,7 +167,8 @@ ALIGN_SECTIONS = ("lora", "data.alignment_file", "data.align_start", "data.align
 
 def align_inputs(cfg: Config, base: Base) -> dict[str, str]:
     """What the alignment depends on, by name: the base model, each config setting, each data file's content."""
-    return {"base model": base.fingerprint, **config_parts(cfg, ALIGN_SECTIONS),
+    sections = list(ALIGN_SECTIONS) + batching_sections(cfg, "group_by_length")
+    return {"base model": base.fingerprint, **config_parts(cfg, sections),
             "data.alignment_file (content)": fingerprint.data_digest(cfg.data.alignment_file),
             "data.benign_file (content)": fingerprint.data_digest(cfg.data.benign_file),
             **({"benign filter judge": cfg.eval.judge,
@@ -198,7 +207,7 @@ def run_align(cfg: Config, base: Base, stage_dir: str, progress: bool = True, ca
                "harmful": stream(tok_harm.items, cfg.align.harmful_batch_size, cfg.run.seed + 1, cfg,
                                  base.tokenizer, infinite=True)}
     steps = total_steps(cfg.align, streams["align"].steps_per_epoch)
-    warm = min(cfg.align.warmup_sft_steps, steps) if cfg.align.method != "sft" else 0
+    warm = min(cfg.align.warmup_sft_steps, steps) if get_method(cfg.align.method, "align").sft_warm_start else 0
     trainable, opt_state = lora0, None
     claim_stage(cfg, "align", stage_dir, fp)  # before the warm start writes into it
     if warm:
@@ -234,7 +243,7 @@ def train(cfg: Config, stage: str, method: str, optim_cfg, forward: Forward, fro
     store = StageStore(stage_dir, cfg.run.keep_last, cfg.run.checkpoint_every, fingerprint=fingerprint,
                        also_accept=accept)
     optimizer = make_optimizer(optim_cfg, steps)
-    section = getattr(getattr(cfg, stage), spec.config_section) if spec.config_section else None
+    section = method_config(spec, getattr(cfg, stage))
     extra = spec.init_extra(trainable, frozen, section) if spec.init_extra else ()
     state = init_state(trainable, optimizer, extra)
     if opt_state is not None:  # continue another stage's optimizer (align.warmup_optimizer: keep)
@@ -380,7 +389,7 @@ def _meta(cfg: Config, base: Base, stage: str) -> dict:
 
 def continues_alignment_lora(cfg: Config) -> bool:
     mode = cfg.finetune.continue_alignment_lora
-    return mode == "always" or (mode == "auto" and cfg.align.method in BOOSTER_FAMILY)
+    return mode == "always" or (mode == "auto" and get_method(cfg.align.method, "align").continues_lora)
 
 
 def finetune_examples(cfg: Config, tokenizer):
@@ -402,9 +411,7 @@ def finetune_examples(cfg: Config, tokenizer):
 
 
 def task_train_examples(cfg: Config):
-    reader = {"sst2": formats.read_sst2, "agnews": formats.read_agnews, "gsm8k": formats.read_gsm8k,
-              "alpaca": formats.read_instructions}[cfg.data.task]
-    return reader(cfg.data.task_file, skip_bad_rows=cfg.data.skip_bad_rows)
+    return formats.READERS[cfg.data.task](cfg.data.task_file, skip_bad_rows=cfg.data.skip_bad_rows)
 
 
 def finetune_weights(cfg: Config, base: Base, align_lora) -> tuple[Any, Any]:
@@ -423,7 +430,8 @@ FINETUNE_SECTIONS = ("finetune", "data.task", "data.task_file", "data.n_finetune
 def finetune_inputs(cfg: Config, align_fp: str) -> dict[str, str]:
     """What the attack depends on: the alignment (which covers the refusal file and the base model), each
     config setting, the task file's content."""
-    return {"alignment": align_fp, **config_parts(cfg, FINETUNE_SECTIONS),
+    sections = list(FINETUNE_SECTIONS) + batching_sections(cfg, "group_by_length", "pack", "pack_length")
+    return {"alignment": align_fp, **config_parts(cfg, sections),
             "data.task_file (content)": fingerprint.data_digest(cfg.data.task_file)}
 
 
@@ -439,9 +447,10 @@ def run_finetune(cfg: Config, base: Base, align_lora, align_fp: str, stage_dir: 
     frozen, trainable = finetune_weights(cfg, base, align_lora)
     mix, tok = finetune_examples(cfg, base.tokenizer)
     log.info("fine-tuning data: %d harmful + %d benign; %s", mix.n_harmful, mix.n_benign, tok.summary())
-    streams = {"task": stream(tok.items, cfg.finetune.batch_size, cfg.run.seed + 2, cfg, base.tokenizer)}
+    streams = {"task": stream(tok.items, cfg.finetune.batch_size, cfg.run.seed + 2, cfg, base.tokenizer,
+                              pack=cfg.data.pack)}
     forward = forward_for(cfg, base)
-    if "align" in get_method(cfg.finetune.method, "finetune").streams:  # Lisa reads alignment data too
+    if "align" in get_method(cfg.finetune.method, "finetune").streams:  # the method reads alignment data too
         tok_align, _ = alignment_examples(cfg, base.tokenizer)
         streams["align"] = stream(tok_align.items, cfg.align.batch_size, cfg.run.seed + 3, cfg, base.tokenizer,
                                   infinite=True)
