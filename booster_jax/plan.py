@@ -292,7 +292,8 @@ def _f32_check(cfg, llama, spec, method, stage, rows, mesh, sizes, act_bf16) -> 
     cfg32 = apply_overrides(cfg, {"model.dtype": "float32", "model.param_dtype": "float32"})
     m = _compiled_memory(cfg32, llama, spec, method, stage, rows, mesh)
     act32 = max(activation_bytes(llama, -(-parallel.padded_batch(n, sizes) // parallel.batch_shards(sizes)),
-                                 cfg.data.max_length, 4, sizes["tensor"], cfg.lora.r, len(cfg.lora.targets))
+                                 cfg.data.max_length, 4, sizes["tensor"], cfg.lora.r, len(cfg.lora.targets),
+                                 cfg.model.remat)
                 for n in rows.values())
     return {"temp": m.get("temp", 0), "activations_estimate": act32, "ratio": m.get("temp", 0) / max(act32, 1),
             "bf16_activations_estimate": act_bf16}
