@@ -174,6 +174,13 @@ class DataConfig:
     task_file: str = ""
     task_eval_file: str = ""
     eval_harmful_file: str = ""
+    # the split to read when a file above is a hub dataset id ("" = a local file or folder), e.g.
+    # eval_harmful_file: PKU-Alignment/BeaverTails with eval_harmful_split: 30k_test; the task's evaluation
+    # reads task_eval_split, else task_split
+    alignment_split: str = ""
+    task_split: str = ""
+    task_eval_split: str = ""
+    eval_harmful_split: str = ""
     n_finetune: int = _f(1000, POS)
     harmful_ratio: float = _f(0.1, UNIT)
     n_eval_harmful: int = _f(1000, NONNEG)

@@ -62,7 +62,8 @@ def check_inputs(cfg: Config) -> None:
     if cfg.eval.enabled and cfg.eval.judge == "beaver_dam":
         hf.read_config_json(hf.resolve_model_dir(cfg.eval.judge_path, option="eval.judge_path"),
                             "eval.judge_path (the BeaverDam judge)")
-    formats.read_refusal_rows(cfg.data.alignment_file, skip_bad_rows=cfg.data.skip_bad_rows)
+    formats.read_refusal_rows(cfg.data.alignment_file, split=cfg.data.alignment_split or None,
+                              skip_bad_rows=cfg.data.skip_bad_rows)
     stages.task_train_examples(cfg)
     if cfg.eval.enabled:
         eval_sets(cfg)

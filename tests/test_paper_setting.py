@@ -130,3 +130,26 @@ def test_gzipped_jsonl_and_save_to_disk_folders(tmp_path):
     (tmp_path / "empty_dir").mkdir()
     with pytest.raises(BoosterInputError, match="not a datasets save_to_disk folder"):
         formats.read_beavertails(str(tmp_path / "empty_dir"))
+
+
+def test_split_keys_pick_the_split_of_a_dataset_dict(tmp_path):
+    """data.*_split name the split of a hub id (or a saved DatasetDict, tested here offline)."""
+    import datasets
+
+    from booster_jax.eval.evaluate import eval_sets
+    from booster_jax.train.stages import task_train_examples
+
+    bt = [{"prompt": f"harm {i}", "response": "r", "is_safe": False, "category": {}} for i in range(3)]
+    datasets.DatasetDict({"30k_test": datasets.Dataset.from_list(bt)}).save_to_disk(str(tmp_path / "bt"))
+    sst = {"train": [{"sentence": "good", "label": 1}] * 4, "validation": [{"sentence": "bad", "label": 0}] * 2}
+    datasets.DatasetDict({k: datasets.Dataset.from_list(v) for k, v in sst.items()}).save_to_disk(str(tmp_path / "s"))
+    cfg = load_config(PAPER, [f"data.eval_harmful_file={tmp_path / 'bt'}", "data.eval_harmful_split=30k_test",
+                              f"data.task_file={tmp_path / 's'}", "data.task_split=train",
+                              "data.task_eval_split=validation", "data.task_eval_file="])
+    harmful, task = eval_sets(cfg)
+    assert [h.instruction for h in harmful] == ["harm 0", "harm 1", "harm 2"]
+    assert [t.output for t in task] == ["negative", "negative"]  # the validation split
+    assert {t.output for t in task_train_examples(cfg)} == {"positive"}  # the train split
+    with pytest.raises(BoosterInputError, match="splits"):
+        eval_sets(load_config(PAPER, [f"data.eval_harmful_file={tmp_path / 'bt'}", f"data.task_file={tmp_path / 's'}",
+                                      "data.task_split=train", "data.task_eval_file="]))

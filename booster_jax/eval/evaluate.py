@@ -62,7 +62,8 @@ def benign_prompts(cfg: Config) -> list[Example]:
     if cfg.data.eval_benign_file:  # the user's own over-refusal prompts
         return list(formats.read_prompts(cfg.data.eval_benign_file, n=cfg.data.n_eval_benign, allow_fewer=True,
                                          skip_bad_rows=cfg.data.skip_bad_rows))
-    rows = formats.read_beavertails(cfg.data.eval_harmful_file, skip_bad_rows=cfg.data.skip_bad_rows)
+    rows = formats.read_beavertails(cfg.data.eval_harmful_file, split=cfg.data.eval_harmful_split or None,
+                                    skip_bad_rows=cfg.data.skip_bad_rows)
     safe = [Example(instruction=r.prompt) for r in rows if r.is_safe][:cfg.data.n_eval_benign]
     if not safe:
         log.warning("%s has no safe rows: no over-refusal rate (give data.eval_benign_file, or "
@@ -73,7 +74,8 @@ def benign_prompts(cfg: Config) -> list[Example]:
 def heldout_harmful(cfg: Config) -> list[Example]:
     """(harmful prompt -> harmful response) pairs of the evaluation prompts: their LM loss is the held-out
     harmful loss Booster's claim is about (it should stay high after alignment)."""
-    rows = formats.read_beavertails(cfg.data.eval_harmful_file, skip_bad_rows=cfg.data.skip_bad_rows)
+    rows = formats.read_beavertails(cfg.data.eval_harmful_file, split=cfg.data.eval_harmful_split or None,
+                                    skip_bad_rows=cfg.data.skip_bad_rows)
     return [Example(instruction=r.prompt, output=r.response) for r in rows if not r.is_safe][:cfg.data.n_eval_harmful]
 
 
@@ -81,9 +83,11 @@ def eval_sets(cfg: Config) -> tuple[list[Example], list[Example]]:
     """(harmful prompts, task examples), checked before any generation starts."""
     skip = cfg.data.skip_bad_rows  # one rule for every file
     harmful = list(formats.read_beavertails_eval_prompts(cfg.data.eval_harmful_file, n=cfg.data.n_eval_harmful,
-                                                         split=None, allow_fewer=True, skip_bad_rows=skip))
+                                                         split=cfg.data.eval_harmful_split or None,
+                                                         allow_fewer=True, skip_bad_rows=skip))
     task = list(formats.READERS[cfg.data.task](cfg.data.task_eval_file or cfg.data.task_file,
-                                               n=cfg.data.n_eval_task, allow_fewer=True, skip_bad_rows=skip))
+                                               n=cfg.data.n_eval_task, split=task_eval_split(cfg),
+                                               allow_fewer=True, skip_bad_rows=skip))
     if cfg.data.n_eval_harmful and not harmful:
         raise BoosterInputError(f"{cfg.data.eval_harmful_file}: no unsafe prompts to evaluate")
     if cfg.data.n_eval_task and not task:
@@ -110,12 +114,20 @@ EVAL_SECTIONS = ("eval", "data.eval_harmful_file", "data.n_eval_harmful", "data.
                  "data.bucket_lengths", "data.skip_bad_rows")
 
 
+def task_eval_split(cfg: Config) -> str | None:
+    """The hub split of the task's evaluation rows (data.task_eval_split, else data.task_split); None = local."""
+    return cfg.data.task_eval_split or cfg.data.task_split or None
+
+
 def eval_inputs(cfg: Config, model_fp: str) -> dict[str, str]:
     """What an evaluation depends on: the evaluated model's fingerprint, each eval setting, and the content
     of the eval files and of the judge's file."""
     from booster_jax.train.stages import config_parts
 
-    return {"model": model_fp, **config_parts(cfg, EVAL_SECTIONS),
+    from booster_jax.train.stages import options_on
+
+    sections = list(EVAL_SECTIONS) + options_on(cfg, "eval_harmful_split", "task_split", "task_eval_split")
+    return {"model": model_fp, **config_parts(cfg, sections),
             "data.eval_harmful_file (content)": fingerprint_mod.data_digest(cfg.data.eval_harmful_file),
             "task eval file (content)": fingerprint_mod.data_digest(cfg.data.task_eval_file or cfg.data.task_file),
             "eval.judge_path (content)": fingerprint_mod.data_digest(cfg.eval.judge_path),

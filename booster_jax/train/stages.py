@@ -90,8 +90,8 @@ def stream(items, batch_size: int, seed: int, cfg: Config, tokenizer, infinite: 
                        pack_length=cfg.data.pack_length if pack else 0)
 
 
-def batching_sections(cfg: Config, *names: str) -> list[str]:
-    """The batching options among ``names`` that are on (off ones leave older fingerprints unchanged)."""
+def options_on(cfg: Config, *names: str) -> list[str]:
+    """The data options among ``names`` that are set (unset ones leave older fingerprints unchanged)."""
     return [f"data.{n}" for n in names if getattr(cfg.data, n)]
 
 
@@ -105,7 +105,8 @@ def refusal_rows(cfg: Config):
     """The refusal file's rows. With ``data.skip_bad_rows`` the row ranges (alignment
     ``data.align_start..align_end``, the attack's rows 1..) count *usable* rows, so skipped rows before a
     range's end shift it; that is said, with the number of file rows it moved by."""
-    rows = formats.read_refusal_rows(cfg.data.alignment_file, skip_bad_rows=cfg.data.skip_bad_rows)
+    rows = formats.read_refusal_rows(cfg.data.alignment_file, split=cfg.data.alignment_split or None,
+                                     skip_bad_rows=cfg.data.skip_bad_rows)
     before_end = [i for i in rows.skipped_rows if i < cfg.data.align_end + len(rows.skipped_rows)]
     if before_end:
         log.warning("%s: %d bad rows skipped (first at file row %d); the row ranges (alignment rows %d..%d, the "
@@ -167,7 +168,7 @@ ALIGN_SECTIONS = ("lora", "data.alignment_file", "data.align_start", "data.align
 
 def align_inputs(cfg: Config, base: Base) -> dict[str, str]:
     """What the alignment depends on, by name: the base model, each config setting, each data file's content."""
-    sections = list(ALIGN_SECTIONS) + batching_sections(cfg, "group_by_length")
+    sections = list(ALIGN_SECTIONS) + options_on(cfg, "group_by_length", "alignment_split")
     return {"base model": base.fingerprint, **config_parts(cfg, sections),
             "data.alignment_file (content)": fingerprint.data_digest(cfg.data.alignment_file),
             "data.benign_file (content)": fingerprint.data_digest(cfg.data.benign_file),
@@ -411,7 +412,8 @@ def finetune_examples(cfg: Config, tokenizer):
 
 
 def task_train_examples(cfg: Config):
-    return formats.READERS[cfg.data.task](cfg.data.task_file, skip_bad_rows=cfg.data.skip_bad_rows)
+    return formats.READERS[cfg.data.task](cfg.data.task_file, split=cfg.data.task_split or None,
+                                          skip_bad_rows=cfg.data.skip_bad_rows)
 
 
 def finetune_weights(cfg: Config, base: Base, align_lora) -> tuple[Any, Any]:
@@ -430,7 +432,7 @@ FINETUNE_SECTIONS = ("finetune", "data.task", "data.task_file", "data.n_finetune
 def finetune_inputs(cfg: Config, align_fp: str) -> dict[str, str]:
     """What the attack depends on: the alignment (which covers the refusal file and the base model), each
     config setting, the task file's content."""
-    sections = list(FINETUNE_SECTIONS) + batching_sections(cfg, "group_by_length", "pack", "pack_length")
+    sections = list(FINETUNE_SECTIONS) + options_on(cfg, "group_by_length", "pack", "pack_length", "task_split")
     return {"alignment": align_fp, **config_parts(cfg, sections),
             "data.task_file (content)": fingerprint.data_digest(cfg.data.task_file)}
 
@@ -493,7 +495,8 @@ def harmful_score_probe(cfg: Config, base: Base, forward: Forward, frozen):
     from booster_jax.eval.evaluate import generate_answers, make_judge, release_judge
 
     prompts = list(formats.read_beavertails_eval_prompts(cfg.data.eval_harmful_file, n=cfg.finetune.track_hs_prompts,
-                                                         split=None, allow_fewer=True,
+                                                         split=cfg.data.eval_harmful_split or None,
+                                                         allow_fewer=True,
                                                          skip_bad_rows=cfg.data.skip_bad_rows))
     judge = make_judge(cfg)
 
