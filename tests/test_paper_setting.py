@@ -153,3 +153,18 @@ def test_split_keys_pick_the_split_of_a_dataset_dict(tmp_path):
     with pytest.raises(BoosterInputError, match="splits"):
         eval_sets(load_config(PAPER, [f"data.eval_harmful_file={tmp_path / 'bt'}", f"data.task_file={tmp_path / 's'}",
                                       "data.task_split=train", "data.task_eval_file="]))
+
+
+def test_mesh_row_padding_is_said_and_counted(caplog):
+    """fsdp=8 runs a batch of 10 as 16 rows: one warning at the stage start, and the padding metric counts it."""
+    import types
+
+    from booster_jax.train.stages import mesh_padding
+
+    mesh = {"data": 1, "fsdp": 8, "tensor": 1}
+    streams = {"align": types.SimpleNamespace(batch_size=10), "harmful": types.SimpleNamespace(batch_size=16)}
+    with caplog.at_level("WARNING"):
+        real = mesh_padding(mesh, streams, "align:booster")
+    assert real == {"align": 10 / 16}
+    assert "batches of 10 rows run as 16 rows" in caplog.text and "38% of each step's rows" in caplog.text
+    assert "harmful" not in caplog.text

@@ -263,6 +263,7 @@ def train(cfg: Config, stage: str, method: str, optim_cfg, forward: Forward, fro
                 streams[k].restore(pos)
         return state if return_state else state.trainable
     log.info("%s:%s: starting, %d steps -> %s", stage, method, steps, stage_dir)
+    mesh_rows = mesh_padding(mesh, {k: streams[k] for k in spec.streams}, f"{stage}:{method}")
     step_fn = spec.make_step(StepContext(forward, optimizer, section, total_steps=steps))
     step_fn = parallel.shard_activations(step_fn, mesh)  # scale-out: batch-sharded activations (FSDP)
     try:
@@ -279,7 +280,7 @@ def train(cfg: Config, stage: str, method: str, optim_cfg, forward: Forward, fro
                 "stage": meta["stage"], "fingerprint": fingerprint, "step": store.latest_step(),
                 "config": config_to_dict(cfg)})
         raise
-    padding = {k: round(streams[k].padding_fraction, 4) for k in spec.streams}
+    padding = {k: round(1.0 - (1.0 - streams[k].padding_fraction) * mesh_rows.get(k, 1.0), 4) for k in spec.streams}
     losses = " ".join(f"{k}={v:.4g}" for k, v in summary.get("metrics", {}).items() if "loss" in k)
     log.info("%s:%s finished: %d steps, %s, padding overhead %s (padded tokens / all tokens, per stream)",
              stage, method, steps, losses or "no loss logged", padding)
@@ -358,6 +359,22 @@ def _adopt_diverged(cfg: Config, label: str, stage_dir: str, fingerprint: str) -
     log.warning("%s: run.resume_diverged=true, but no diverged %s stage whose config differs only in its "
                 "optimizer settings was found; the stage runs as usual", stage_dir, label)
     return None
+
+
+def mesh_padding(mesh, streams: dict, name: str) -> dict[str, float]:
+    """Per stream, the share of rows that are real after the batch is padded to a multiple of data x fsdp
+    (a batch of 10 on fsdp=8 runs as 16 rows); said once at the stage start, counted in the padding metric."""
+    shards = parallel.batch_shards(mesh)
+    real = {}
+    for k, st in streams.items():
+        rows = st.rows_per_batch if getattr(st, "pack", False) else st.batch_size
+        padded = parallel.padded_batch(rows, mesh)
+        if padded != rows:
+            real[k] = rows / padded
+            log.warning("%s: stream %s: batches of %d rows run as %d rows on this mesh (a multiple of data x fsdp "
+                        "= %d); %.0f%% of each step's rows are padding. A batch size divisible by %d avoids it.",
+                        name, k, rows, padded, shards, 100 * (1 - rows / padded), shards)
+    return real
 
 
 def _tracker(hooks, stage_dir: str):
