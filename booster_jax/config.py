@@ -246,6 +246,8 @@ class RunConfig:
     # continue a stage stopped by a NaN/inf from its last good checkpoint although its optimizer
     # settings changed (they are part of the stage fingerprint, so otherwise it starts over)
     resume_diverged: bool = False
+    # also write each logged metric as a TensorBoard scalar under <stage dir>/tensorboard (needs tensorboardX)
+    tensorboard: bool = False
 
 
 @dataclass(frozen=True)

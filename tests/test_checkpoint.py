@@ -545,3 +545,33 @@ def test_a_shared_cache_dir_waits_for_the_run_writing_it(tmp_path):
         sleeper.wait()
     assert waited >= 0.9 and not os.path.exists(shared + ".lock")
     assert os.listdir(shared) == [rundir.FINGERPRINT]
+
+
+def test_tensorboard_scalars_beside_metrics(tmp_path, built):
+    """run.tensorboard=true: every metrics.jsonl line is also a TensorBoard scalar (same step, same value)."""
+    import glob
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    frozen, _, step_fn, _, rng = built
+    store = StageStore(str(tmp_path / "s"), keep_last=2, checkpoint_every=4)
+    metrics_path = str(tmp_path / "s" / "metrics.jsonl")
+    cfg = dataclasses.replace(run_cfg(4, 3), tensorboard=True)
+    run_stage(name="tiny", store=store, step_fn=step_fn, frozen=frozen, state=fresh_state(built),
+              streams=tiny.make_streams(), total_steps=6, rng=rng, run_cfg=cfg, metrics_path=metrics_path,
+              progress=False, jit_kwargs=tiny.JIT_KWARGS)
+    store.close()
+    logged = {l["step"]: l["loss"] for l in map(json.loads, open(metrics_path))}
+    (path,) = glob.glob(str(tmp_path / "s" / "tensorboard" / "events.out.tfevents.*"))
+    data, scalars = open(path, "rb").read(), {}
+    pos = 0
+    while pos < len(data):  # TFRecord framing: length, crc, payload, crc
+        (n,) = struct.unpack("<Q", data[pos:pos + 8])
+        event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + n])
+        pos += 12 + n + 4
+        for v in event.summary.value:
+            if v.tag == "tiny/loss":
+                scalars[event.step] = v.simple_value
+    assert sorted(scalars) == sorted(logged) == [3, 6]
+    assert all(abs(scalars[k] - logged[k]) < 1e-6 * max(1.0, abs(logged[k])) for k in logged)

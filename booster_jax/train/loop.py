@@ -91,6 +91,16 @@ def _summary(name, total_steps, start_step, wall_time_s, tokens, last_metrics) -
     }
 
 
+def tensorboard_writer(stage_dir: str):
+    """A TensorBoard writer for ``run.tensorboard`` (scalars beside metrics.jsonl, which stays the record)."""
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:
+        raise BoosterInputError("run.tensorboard=true needs the tensorboardX package: pip install tensorboardX") \
+            from None
+    return SummaryWriter(os.path.join(stage_dir, "tensorboard"))
+
+
 def run_stage(
     *,
     name: str,
@@ -173,6 +183,8 @@ def run_stage(
     if log_metrics:
         open(metrics_path, "a").close()  # the log exists from the stage's start, even before its first line
 
+    board = tensorboard_writer(os.path.dirname(os.path.abspath(metrics_path))) \
+        if log_metrics and getattr(run_cfg, "tensorboard", False) else None
     jitted = jax.jit(step_fn, **{"donate_argnums": (1,), **dict(jit_kwargs or {})})
     bar = None
     if main and progress and sys.stderr.isatty():
@@ -230,6 +242,9 @@ def run_stage(
                 rates = {"steps_per_s": window_n / dt, "tokens_per_s": window_tokens / dt}
                 if log_metrics:  # appended and fsynced: a crash tears at most this line
                     files.append_jsonl(metrics_path, {"stage": name, **last_metrics, "step": step, **rates})
+                if board is not None:
+                    for k, v in {**last_metrics, **rates}.items():
+                        board.add_scalar(f"{name}/{k}", v, step)
                 if bar is None and main and (step % milestone == 0 or step == total_steps):
                     # No terminal (logs, CI): a line at every tenth of the stage instead of a bar.
                     losses = " ".join(f"{k}={v:.4g}" for k, v in last_metrics.items() if "loss" in k)
@@ -257,6 +272,8 @@ def run_stage(
             if on_step is not None:
                 on_step(step, state, metrics)
     finally:
+        if board is not None:
+            board.close()
         if bar is not None:
             bar.close()
         store.wait()
