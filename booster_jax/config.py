@@ -132,11 +132,11 @@ class AlignConfig:
     warmup_sft_steps: int = _f(0, NONNEG)  # deviation: plain SFT steps before the method
     # at the switch from the warm start to the method: "reset" the AdamW state (moments, step count) or "keep" it
     warmup_optimizer: str = _f("reset", choices=("reset", "keep"))
-    # deviation (0 = paper): benign instruction examples added to the alignment pool, int(benign_mix * #refusals)
-    # of them drawn once with data.seed, then shuffled in: 1.0 = as many as refusals, so about half of each
-    # batch is benign (benign_mix / (1 + benign_mix) of it on average)
-    benign_mix: float = _f(0.0, NONNEG)
-    # with benign_mix: drop the benign rows whose response the run's judge (eval.judge) flags as harmful
+    # deviation (0 = paper): the share of each alignment batch that is benign instruction data (on average:
+    # round(f / (1 - f) * #refusals) benign examples drawn once with data.seed and shuffled in; 0.5 = as many
+    # benign examples as refusals, half of each batch)
+    benign_fraction: float = _f(0.0, UNIT_OPEN)
+    # with benign_fraction: drop the benign rows whose response the run's judge (eval.judge) flags as harmful
     benign_filter: bool = False
     harmful_batch_size: int = _f(10, POS)
 
@@ -193,7 +193,7 @@ class DataConfig:
     pack: bool = False  # pack the fine-tuning (task) stream's examples into rows of pack_length tokens
     pack_length: int = _f(0, NONNEG)  # 0 = the largest bucket
     skip_bad_rows: bool = False
-    benign_file: str = ""  # instruction file for align.benign_mix
+    benign_file: str = ""  # instruction file for align.benign_fraction
     drop_last: bool = False  # drop each epoch's last partial batch (HF dataloader_drop_last); official: keep
     # over-refusal prompts: "" = the safe rows of eval_harmful_file; else a file of prompts (rows with a
     # string 'prompt' or 'instruction' (+ optional 'input'), e.g. an instruction file)
@@ -404,6 +404,13 @@ def _check(value, f: dataclasses.Field, key: str, probs: _Problems) -> bool:
     return len(probs.lines) == n_before
 
 
+# keys that changed meaning or name: the message says what to write instead
+RENAMED = {
+    "align.benign_mix": "renamed align.benign_fraction, the share of each alignment batch that is benign: "
+                        "benign_mix m is benign_fraction m / (1 + m), so benign_mix 1.0 is benign_fraction 0.5",
+}
+
+
 def _build(raw, cls, prefix: str, probs: _Problems):
     """Build dataclass `cls` from a mapping, reporting every problem into `probs`."""
     if not isinstance(raw, Mapping):
@@ -412,7 +419,9 @@ def _build(raw, cls, prefix: str, probs: _Problems):
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     for k in raw:
-        if k not in names:
+        if prefix + str(k) in RENAMED:
+            probs.add(prefix + str(k), RENAMED[prefix + str(k)])
+        elif k not in names:
             probs.add(prefix + str(k), "unknown key" + _suggest(str(k), names, prefix))
     kwargs = {}
     for f in dataclasses.fields(cls):

@@ -32,7 +32,7 @@ def test_defaults_are_the_papers():
     assert c.eval.max_new_tokens_harmful == 512 and c.model.dtype == "bfloat16"
     assert (c.align.vaccine.rho, c.align.repnoise.alpha, c.align.repnoise.beta) == (2.0, 0.1, 0.001)
     assert (c.finetune.lisa.align_steps, c.finetune.lisa.finetune_steps) == (100, 900)
-    assert c.align.benign_mix == 0.0 and c.align.warmup_sft_steps == 0
+    assert c.align.benign_fraction == 0.0 and c.align.warmup_sft_steps == 0
 
 
 def test_yaml_base_and_overrides(tmp_path):
@@ -55,7 +55,7 @@ def test_yaml_base_and_overrides(tmp_path):
 def test_every_problem_in_one_message(tmp_path):
     path = _write(tmp_path / "bad.yaml", {
         "align": {"batch_size": "ten", "method": "boster", "booster": {"lam": -1, "alpha": -0.1},
-                  "benign_mix": -0.5, "optim": {"lr": 0}, "epochs": -1},
+                  "benign_fraction": -0.5, "optim": {"lr": 0}, "epochs": -1},
         "lora": {"r": 0, "targets": ["q_proj", "qkv"]},
         "data": {"harmful_ratio": 1.5, "max_length": 0, "align_start": 10, "align_end": 5,
                  "bucket_lengths": [64, -8, "x"]},
@@ -70,7 +70,7 @@ def test_every_problem_in_one_message(tmp_path):
         "align.method: expected one of", "did you mean 'booster'",
         "align.booster.lam: expected a value >= 0, got -1.0",
         "align.booster.alpha: expected a value >= 0",
-        "align.benign_mix: expected a value >= 0",
+        "align.benign_fraction: expected a value in [0, 1)",
         "align.optim.lr: expected a value > 0",
         "align.epochs: expected a value >= 0",
         "lora.r: expected a value > 0",

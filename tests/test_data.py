@@ -251,11 +251,26 @@ def test_benign_mix():
     align = [Example(f"q{i}") for i in range(100)]
     benign = [Example(f"b{i}") for i in range(100)]
     assert mixture.benign_mix(align, benign, 0.0, 0) == align
-    mixed = mixture.benign_mix(align, benign, 0.25, 3)
+    mixed = mixture.benign_mix(align, benign, 0.2, 3)  # a fifth of the pool benign: 25 of 125
     assert len(mixed) == 125 and sum(e.instruction.startswith("b") for e in mixed) == 25
-    assert mixed == mixture.benign_mix(align, benign, 0.25, 3)
+    assert mixed == mixture.benign_mix(align, benign, 0.2, 3)
+    half = mixture.benign_mix(align, benign, 0.5, 3)  # the synthetic default: as many benign as refusals
+    assert len(half) == 200
     with pytest.raises(BoosterInputError, match="needs 200 benign examples"):
-        mixture.benign_mix(align, benign, 2.0, 0)
+        mixture.benign_mix(align, benign, 2 / 3, 0)
+    with pytest.raises(BoosterInputError, match=r"in \[0, 1\)"):
+        mixture.benign_mix(align, benign, 1.0, 0)
+
+
+def test_benign_mix_key_names_its_successor():
+    import os
+
+    from booster_jax.config import load_config
+
+    smoke = os.path.join(os.path.dirname(__file__), "..", "configs", "synthetic", "smoke.yaml")
+    with pytest.raises(BoosterInputError, match=r"align\.benign_mix: renamed align\.benign_fraction.*1\.0 is "
+                                                r"benign_fraction 0\.5"):
+        load_config(smoke, ["align.benign_mix=1.0"])
 
 
 # ----------------------------------------------------------------------------- batches

@@ -27,4 +27,4 @@ def test_paper_configs_keep_the_papers_protocol():
         c = load_config(os.path.join(ROOT, "paper", f"{name}.yaml"))
         assert (c.align.booster.lam, c.align.booster.alpha, c.align.optim.lr, c.finetune.optim.lr) == (5.0, 0.1, 5e-4, 1e-5)
         assert (c.lora.r, c.lora.alpha, c.data.max_length, c.align.batch_size) == (32, 4.0, 256, 10)
-        assert c.align.benign_mix == 0.0 and c.align.warmup_sft_steps == 0
+        assert c.align.benign_fraction == 0.0 and c.align.warmup_sft_steps == 0

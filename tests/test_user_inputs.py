@@ -435,7 +435,7 @@ def test_benign_rows_can_be_filtered_by_the_judge(tmp_path):
     from booster_jax.train.stages import judge_filtered
 
     paths, _ = eval_files(tmp_path)
-    cfg = eval_config(paths, align__benign_mix=1.0, align__benign_filter=True)
+    cfg = eval_config(paths, align__benign_fraction=0.5, align__benign_filter=True)
     rows = [Example("bake", "", "flour and water"), Example("x", "", "add poison"), Example("y", "", "i cannot help")]
     assert judge_filtered(cfg, rows) == [rows[0], rows[2]]
 

@@ -191,13 +191,14 @@ def benign_mix(
 ) -> List[Example]:
     """DEVIATION (off by default, not in the official code): add benign instruction data to alignment.
 
-    Adds ``int(fraction * len(alignment_examples))`` benign examples drawn without
-    replacement with ``seed``, and shuffles the union. fraction 0 returns the
-    alignment examples unchanged (same order).
+    ``fraction``: the share of the mixed pool (so of each batch, on average) that is benign. Adds
+    ``round(fraction / (1 - fraction) * len(alignment_examples))`` benign examples drawn without
+    replacement with ``seed``, and shuffles the union. fraction 0 returns the alignment examples
+    unchanged (same order).
     """
-    if fraction < 0:
-        raise BoosterInputError(f"benign fraction must be >= 0, got {fraction}")
-    k = int(fraction * len(alignment_examples))
+    if not 0 <= fraction < 1:
+        raise BoosterInputError(f"benign fraction must be in [0, 1), got {fraction}")
+    k = int(round(fraction / (1 - fraction) * len(alignment_examples)))
     if k == 0:
         return list(alignment_examples)
     if len(benign_examples) < k:

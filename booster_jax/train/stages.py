@@ -124,13 +124,13 @@ def booster_harmful_rows(cfg: Config) -> range | None:
 def alignment_examples(cfg: Config, tokenizer):
     rows = refusal_rows(cfg)
     align, harmful = mixture.alignment_sets(rows, cfg.data.align_start, cfg.data.align_end, booster_harmful_rows(cfg))
-    if cfg.align.benign_mix > 0:
+    if cfg.align.benign_fraction > 0:
         if not cfg.data.benign_file:
-            raise BoosterInputError("align.benign_mix > 0 needs data.benign_file (an instruction file)")
+            raise BoosterInputError("align.benign_fraction > 0 needs data.benign_file (an instruction file)")
         benign = list(formats.read_instructions(cfg.data.benign_file, skip_bad_rows=cfg.data.skip_bad_rows))
         if cfg.align.benign_filter:
             benign = judge_filtered(cfg, benign)
-        align = mixture.benign_mix(align, benign, cfg.align.benign_mix, cfg.data.seed)
+        align = mixture.benign_mix(align, benign, cfg.align.benign_fraction, cfg.data.seed)
     tok_align = check_targets(tokenize_examples(tokenizer, align, cfg.data.max_length), "alignment", cfg)
     tok_harm = check_targets(tokenize_examples(tokenizer, harmful, cfg.data.max_length), "harmful", cfg)
     return tok_align, tok_harm
@@ -186,7 +186,7 @@ def warmup_inputs(cfg: Config, base: Base, steps: int) -> dict[str, str]:
     Booster lam or a Vaccine rho does not change plain SFT steps), so variants share it."""
     parts = {k: v for k, v in align_inputs(cfg, base).items() if k != "config align"}
     return {**parts, "warm-start steps": str(steps), **config_parts(cfg, ["align.optim", "align.batch_size",
-                                                                          "align.benign_mix"])}
+                                                                          "align.benign_fraction"])}
 
 
 def warmup_fingerprint(cfg: Config, base: Base, steps: int) -> str:
