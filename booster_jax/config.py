@@ -166,6 +166,7 @@ class DataConfig:
     n_eval_task: int = _f(872, NONNEG)
     n_eval_benign: int = _f(200, NONNEG)  # safe prompts of the eval file: the over-refusal rate
     max_length: int = _f(256, POS)
+    template: str = _f("alpaca", choices=("alpaca", "chat"))  # chat = the tokenizer's chat template
     bucket_lengths: list[int] = _f([64, 128, 256], POS, nonempty=True)
     skip_bad_rows: bool = False
     benign_file: str = ""  # instruction file for align.benign_mix

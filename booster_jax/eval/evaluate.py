@@ -14,7 +14,7 @@ import numpy as np
 from booster_jax.config import Config, config_fingerprint
 from booster_jax.data import formats
 from booster_jax.data.batches import collate
-from booster_jax.data.template import Example, format_prompt, tokenize_examples
+from booster_jax.data.template import Example, prompt_text, special_tokens_for, tokenize_examples
 from booster_jax.errors import BoosterInputError
 from booster_jax.eval import judges as judges_mod
 from booster_jax.eval import tasks
@@ -61,7 +61,7 @@ def heldout_loss(forward, frozen, lora, tokenizer, examples: list[Example], cfg:
     """Token-mean LM loss on (prompt -> reference answer) pairs, in static-shape batches."""
     if not examples:
         return float("nan")
-    tok = tokenize_examples(tokenizer, examples, cfg.data.max_length)
+    tok = tokenize_examples(tokenizer, examples, cfg.data.max_length, template=cfg.data.template)
     loss_fn = jax.jit(lambda b: lm_loss(forward(lora, frozen, b), b) * jnp.sum(b["loss_mask"][:, 1:]))
     total, count = 0.0, 0.0
     for lo in range(0, len(tok.items), batch):
@@ -71,13 +71,28 @@ def heldout_loss(forward, frozen, lora, tokenizer, examples: list[Example], cfg:
     return total / max(count, 1.0)
 
 
+def generate_answers(cfg: Config, tokenizer, model, frozen, lora, examples: list[Example],
+                     max_new_tokens: int) -> list[str]:
+    """Greedy answers to ``examples`` in the run's prompt template.
+
+    Alpaca: as the official pred.py, prompt + continuation are decoded together and the text after
+    "### Response:" is the answer. Chat: the continuation alone (the decoded template has no marker).
+    """
+    template = cfg.data.template
+    full = template == "alpaca"
+    outs = generate_text(tokenizer, model, frozen, lora, [prompt_text(tokenizer, ex, template) for ex in examples],
+                         max_new_tokens=max_new_tokens, batch_size=cfg.eval.batch_size, full_text=full,
+                         add_special_tokens=special_tokens_for(template))
+    return [tasks.extract_answer(t) for t in outs]
+
+
 def evaluate(cfg: Config, base, forward, frozen, lora, out_dir: str, name: str, judge=None,
              fingerprint: str = "") -> dict:
     """Evaluate one model (frozen params + LoRA); returns the summary (also at ``out_dir/summary.json``)."""
     summary_path = os.path.join(out_dir, "summary.json")
     fp = fingerprint + config_fingerprint(cfg, ["eval", "data.eval_harmful_file", "data.n_eval_harmful",
                                                 "data.task", "data.task_eval_file", "data.n_eval_task",
-                                                "data.n_eval_benign"])
+                                                "data.n_eval_benign", "data.template"])
     if os.path.exists(summary_path):
         with open(summary_path) as f:
             old = json.load(f)
@@ -87,18 +102,14 @@ def evaluate(cfg: Config, base, forward, frozen, lora, out_dir: str, name: str, 
     harmful, task = eval_sets(cfg)
     judge = judge or make_judge(cfg)
     tok = base.tokenizer
-    model = forward.model
-    gen = dict(model=model, params=frozen, lora=lora, tokenizer=tok, batch_size=cfg.eval.batch_size)
 
-    harm_prompts = [format_prompt(ex.instruction, ex.input) for ex in harmful]
-    # As the official pred.py: decode prompt + continuation, then take the text after "### Response:".
-    harm_out = [tasks.extract_answer(t) for t in generate_text(
-        prompts=harm_prompts, max_new_tokens=cfg.eval.max_new_tokens_harmful, full_text=True, **gen)]
+    def answers(examples, max_new_tokens):
+        return generate_answers(cfg, tok, forward.model, frozen, lora, examples, max_new_tokens) if examples else []
+
+    harm_out = answers(harmful, cfg.eval.max_new_tokens_harmful)
     verdicts = judge.judge([ex.instruction for ex in harmful], harm_out) if harmful else []
 
-    task_prompts = [format_prompt(ex.instruction, ex.input) for ex in task]
-    task_out = [tasks.extract_answer(t) for t in generate_text(
-        prompts=task_prompts, max_new_tokens=cfg.eval.max_new_tokens_task, full_text=True, **gen)]
+    task_out = answers(task, cfg.eval.max_new_tokens_task)
     if cfg.data.task == "alpaca":
         # AlpacaEval is judged elsewhere: write the generations in the JSON the alpaca_eval tool reads.
         os.makedirs(out_dir, exist_ok=True)
@@ -111,9 +122,7 @@ def evaluate(cfg: Config, base, forward, frozen, lora, out_dir: str, name: str, 
         correct = [bool(scorer(out, ex.output)) for out, ex in zip(task_out, task)]
 
     benign = benign_prompts(cfg)
-    benign_out = [tasks.extract_answer(t) for t in generate_text(
-        prompts=[format_prompt(ex.instruction) for ex in benign], max_new_tokens=cfg.eval.max_new_tokens_harmful,
-        full_text=True, **gen)] if benign else []
+    benign_out = answers(benign, cfg.eval.max_new_tokens_harmful)
     refused = refusal_rule(judge)
 
     os.makedirs(out_dir, exist_ok=True)

@@ -101,13 +101,14 @@ def alignment_examples(cfg: Config, tokenizer):
             raise ValueError("align.benign_mix > 0 needs data.benign_file (an instruction file)")
         benign = formats.read_instructions(cfg.data.benign_file)
         align = mixture.benign_mix(align, list(benign), cfg.align.benign_mix, cfg.data.seed)
-    tok_align = tokenize_examples(tokenizer, align, cfg.data.max_length)
-    tok_harm = tokenize_examples(tokenizer, harmful, cfg.data.max_length)
+    tok_align = tokenize_examples(tokenizer, align, cfg.data.max_length, template=cfg.data.template)
+    tok_harm = tokenize_examples(tokenizer, harmful, cfg.data.max_length, template=cfg.data.template)
     return tok_align, tok_harm
 
 
 def align_fingerprint(cfg: Config, base: Base) -> str:
     sections = ["lora", "data.alignment_file", "data.align_start", "data.align_end", "data.max_length",
+                "data.template",
                 "data.bucket_lengths", "data.benign_file", "data.seed", "align", "run.seed", "model.dtype",
                 "model.param_dtype", "model.add_pad_token"]
     return hashlib.sha256((base.fingerprint + config_fingerprint(cfg, sections)).encode()).hexdigest()[:16]
@@ -225,7 +226,7 @@ def finetune_examples(cfg: Config, tokenizer):
     task = task_train_examples(cfg)
     mix = mixture.finetune_mixture(rows, list(task), cfg.data.n_finetune, cfg.data.harmful_ratio, cfg.data.seed,
                                    alignment_range=range(cfg.data.align_start, cfg.data.align_end))
-    return mix, tokenize_examples(tokenizer, mix.examples, cfg.data.max_length)
+    return mix, tokenize_examples(tokenizer, mix.examples, cfg.data.max_length, template=cfg.data.template)
 
 
 def task_train_examples(cfg: Config):
@@ -291,21 +292,16 @@ def harmful_loss_hook(cfg: Config, base: Base, forward: Forward, frozen, mix, to
 
 def harmful_score_probe(cfg: Config, base: Base, forward: Forward, frozen):
     """lora -> HS (%) on the first ``track_hs_prompts`` evaluation prompts, greedy, with the run's judge."""
-    from booster_jax.data.template import format_prompt
-    from booster_jax.eval import judges, tasks
-    from booster_jax.eval.evaluate import make_judge
-    from booster_jax.eval.generate import generate_text
+    from booster_jax.eval import judges
+    from booster_jax.eval.evaluate import generate_answers, make_judge
 
     prompts = list(formats.read_beavertails_eval_prompts(cfg.data.eval_harmful_file, n=cfg.finetune.track_hs_prompts,
                                                          split=None, allow_fewer=True))
     judge = make_judge(cfg)
 
     def hs(lora) -> float:
-        outs = generate_text(base.tokenizer, forward.model, frozen, lora,
-                             [format_prompt(ex.instruction) for ex in prompts],
-                             max_new_tokens=cfg.eval.max_new_tokens_harmful, batch_size=cfg.eval.batch_size,
-                             full_text=True)
-        answers = [tasks.extract_answer(o) for o in outs]
+        answers = generate_answers(cfg, base.tokenizer, forward.model, frozen, lora, prompts,
+                                   cfg.eval.max_new_tokens_harmful)
         return judges.harmful_score(judge.judge([ex.instruction for ex in prompts], answers))
 
     return hs
