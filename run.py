@@ -23,7 +23,7 @@ import sys
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "synthetic", "default.yaml")
 COMMANDS = ("all", "align", "finetune", "evaluate", "report", "world", "pretrain", "plan", "prepare-real")
-REAL_DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "real")
+REAL_DATA_DIR = os.path.join("data", "real")  # relative to the working directory, as configs/real's paths
 
 
 def parse_args(argv):
@@ -74,6 +74,12 @@ def run(command: str, config_path: str, overrides: list[str], progress: bool = T
 
         raise BoosterInputError(f"{config_path}: no such config file")
     cfg = load_config(config_path, overrides)  # every config problem is reported here, before any work
+    if os.path.normpath(cfg.model.path).startswith(REAL_DATA_DIR + os.sep) and not os.path.exists(
+            os.path.join(REAL_DATA_DIR, "manifest.json")):
+        from booster_jax.data.real.prepare import prepare
+
+        logging.getLogger("run").info("%s is missing: building the real setting first (prepare-real)", REAL_DATA_DIR)
+        prepare(REAL_DATA_DIR)
     import jax
 
     from booster_jax import parallel
