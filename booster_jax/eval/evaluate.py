@@ -62,11 +62,12 @@ def heldout_loss(forward, frozen, lora, tokenizer, examples: list[Example], cfg:
     if not examples:
         return float("nan")
     tok = tokenize_examples(tokenizer, examples, cfg.data.max_length, template=cfg.data.template)
-    loss_fn = jax.jit(lambda b: lm_loss(forward(lora, frozen, b), b) * jnp.sum(b["loss_mask"][:, 1:]))
+    # weights as arguments: closed over, XLA would fold the whole model into the program as constants
+    loss_fn = jax.jit(lambda lo_ra, params, b: lm_loss(forward(lo_ra, params, b), b) * jnp.sum(b["loss_mask"][:, 1:]))
     total, count = 0.0, 0.0
     for lo in range(0, len(tok.items), batch):
         b = collate(tok.items[lo:lo + batch], tokenizer.pad_token_id, cfg.data.bucket_lengths, batch_size=batch)
-        total += float(loss_fn({k: jnp.asarray(v) for k, v in b.items()}))
+        total += float(loss_fn(lora, frozen, {k: jnp.asarray(v) for k, v in b.items()}))
         count += float(b["loss_mask"][:, 1:].sum())
     return total / max(count, 1.0)
 
