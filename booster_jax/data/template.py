@@ -8,6 +8,10 @@ prompt tokenized alone (also truncated), and only positions from there on are
 targets. When the prompt alone fills ``max_length`` an example has no target
 tokens; :func:`tokenize_examples` counts those (and truncations) so callers can
 report them.
+
+``template="chat"`` uses the tokenizer's own chat template instead (``apply_chat_template``
+with one user turn and the generation prompt); the target is the assistant turn's content and
+the EOS that closes it, so the loss covers the assistant turn only.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ PROMPT_WITH_INPUT = (
 )
 # Generated answers are read as the text after this marker (official pred_eval scripts).
 RESPONSE_MARKER = "### Response:"
+TEMPLATES = ("alpaca", "chat")
 
 
 @dataclass(frozen=True)
@@ -56,15 +61,37 @@ def format_prompt(instruction: str, input: str = "") -> str:
     return head + instruction + tail
 
 
-def _encode(tokenizer, text: str, max_length: int | None) -> List[int]:
+def user_text(ex: Example) -> str:
+    """The user turn of a chat prompt: the instruction, then the input (if any) after a blank line."""
+    return ex.instruction + (f"\n\n{ex.input}" if ex.input else "")
+
+
+def prompt_text(tokenizer, ex: Example, template: str = "alpaca") -> str:
+    """The prompt string of ``ex`` in ``template`` (alpaca: the official text; chat: the tokenizer's)."""
+    if template == "alpaca":
+        return format_prompt(ex.instruction, ex.input)
+    if template != "chat":
+        raise BoosterInputError(f"data.template must be one of {', '.join(TEMPLATES)}, got {template!r}")
+    if not getattr(tokenizer, "chat_template", None):
+        raise BoosterInputError("data.template is 'chat' but the tokenizer has no chat_template; use 'alpaca'")
+    return tokenizer.apply_chat_template([{"role": "user", "content": user_text(ex)}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
+def special_tokens_for(template: str) -> bool:
+    """Whether the tokenizer adds its special tokens: a chat template already writes its own."""
+    return template == "alpaca"
+
+
+def _encode(tokenizer, text: str, max_length: int | None, add_special_tokens: bool = True) -> List[int]:
     if max_length is None:
-        enc = tokenizer(text)
+        enc = tokenizer(text, add_special_tokens=add_special_tokens)
     else:
-        enc = tokenizer(text, truncation=True, max_length=max_length)
+        enc = tokenizer(text, truncation=True, max_length=max_length, add_special_tokens=add_special_tokens)
     return list(enc["input_ids"])
 
 
-def tokenize_example(tokenizer, ex: Example, max_length: int) -> Tuple[np.ndarray, np.ndarray]:
+def tokenize_example(tokenizer, ex: Example, max_length: int, template: str = "alpaca") -> Tuple[np.ndarray, np.ndarray]:
     """Token ids (int32[L]) and loss mask (float32[L]: 0 prompt, 1 response + EOS).
 
     L <= max_length. If truncation cuts into the response only its head is trained;
@@ -75,17 +102,19 @@ def tokenize_example(tokenizer, ex: Example, max_length: int) -> Tuple[np.ndarra
     eos = tokenizer.eos_token
     if eos is None:
         raise BoosterInputError("tokenizer has no eos_token; the targets end with EOS")
-    prompt = format_prompt(ex.instruction, ex.input)
-    ids = _encode(tokenizer, prompt + ex.output + eos, max_length)
-    prompt_len = min(len(_encode(tokenizer, prompt, max_length)), len(ids))
+    prompt = prompt_text(tokenizer, ex, template)
+    special = special_tokens_for(template)
+    ids = _encode(tokenizer, prompt + ex.output + eos, max_length, special)
+    prompt_len = min(len(_encode(tokenizer, prompt, max_length, special)), len(ids))
     mask = np.zeros(len(ids), dtype=np.float32)
     mask[prompt_len:] = 1.0
     return np.asarray(ids, dtype=np.int32), mask
 
 
-def tokenize_prompt(tokenizer, instruction: str, input: str = "") -> np.ndarray:
-    """Prompt ids for generation (with the tokenizer's BOS, no truncation)."""
-    return np.asarray(_encode(tokenizer, format_prompt(instruction, input), None), dtype=np.int32)
+def tokenize_prompt(tokenizer, instruction: str, input: str = "", template: str = "alpaca") -> np.ndarray:
+    """Prompt ids for generation (alpaca: with the tokenizer's BOS; no truncation)."""
+    text = prompt_text(tokenizer, Example(instruction, input), template)
+    return np.asarray(_encode(tokenizer, text, None, special_tokens_for(template)), dtype=np.int32)
 
 
 @dataclass(frozen=True)
@@ -107,7 +136,7 @@ class TokenizedSet:
 
 
 def tokenize_examples(
-    tokenizer, examples: Iterable[Example], max_length: int, chunk: int = 1024
+    tokenizer, examples: Iterable[Example], max_length: int, chunk: int = 1024, template: str = "alpaca"
 ) -> TokenizedSet:
     """Tokenize many examples (batched calls, same result as :func:`tokenize_example`).
 
@@ -120,17 +149,19 @@ def tokenize_examples(
     if eos is None:
         raise BoosterInputError("tokenizer has no eos_token; the targets end with EOS")
     examples = list(examples)
+    special = special_tokens_for(template)
     items = []
     n_trunc = n_empty = 0
     for lo in range(0, len(examples), chunk):
         part = examples[lo : lo + chunk]
-        prompts = [format_prompt(ex.instruction, ex.input) for ex in part]
+        prompts = [prompt_text(tokenizer, ex, template) for ex in part]
         fulls = [pr + ex.output + eos for pr, ex in zip(prompts, part)]
-        full_ids = tokenizer(fulls, truncation=True, max_length=max_length)["input_ids"]
-        prompt_ids = tokenizer(prompts, truncation=True, max_length=max_length)["input_ids"]
+        full_ids = tokenizer(fulls, truncation=True, max_length=max_length, add_special_tokens=special)["input_ids"]
+        prompt_ids = tokenizer(prompts, truncation=True, max_length=max_length,
+                               add_special_tokens=special)["input_ids"]
         long = [i for i, ids in enumerate(full_ids) if len(ids) >= max_length]
         if long:
-            untrunc = tokenizer([fulls[i] for i in long])["input_ids"]
+            untrunc = tokenizer([fulls[i] for i in long], add_special_tokens=special)["input_ids"]
             n_trunc += sum(len(ids) > max_length for ids in untrunc)
         for ids, pids in zip(full_ids, prompt_ids):
             mask = np.zeros(len(ids), dtype=np.float32)

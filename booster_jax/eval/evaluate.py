@@ -17,7 +17,7 @@ from booster_jax import fingerprint as fingerprint_mod
 from booster_jax.config import Config
 from booster_jax.data import formats
 from booster_jax.data.batches import collate
-from booster_jax.data.template import Example, format_prompt, tokenize_examples
+from booster_jax.data.template import Example, prompt_text, special_tokens_for, tokenize_examples
 from booster_jax.errors import BoosterInputError
 from booster_jax.eval import judges as judges_mod
 from booster_jax.eval import tasks
@@ -99,19 +99,20 @@ def heldout_loss(forward, frozen, lora, tokenizer, examples: list[Example], cfg:
     """Token-mean LM loss on (prompt -> reference answer) pairs, in static-shape batches."""
     if not examples:
         return float("nan")
-    tok = tokenize_examples(tokenizer, examples, cfg.data.max_length)
-    loss_fn = jax.jit(lambda b: lm_loss(forward(lora, frozen, b), b) * jnp.sum(b["loss_mask"][:, 1:]))
+    tok = tokenize_examples(tokenizer, examples, cfg.data.max_length, template=cfg.data.template)
+    # weights as arguments: closed over, XLA would fold the whole model into the program as constants
+    loss_fn = jax.jit(lambda lo_ra, params, b: lm_loss(forward(lo_ra, params, b), b) * jnp.sum(b["loss_mask"][:, 1:]))
     total, count = 0.0, 0.0
     for lo in range(0, len(tok.items), batch):
         b = collate(tok.items[lo:lo + batch], tokenizer.pad_token_id, cfg.data.bucket_lengths, batch_size=batch)
-        total += float(loss_fn({k: jnp.asarray(v) for k, v in b.items()}))
+        total += float(loss_fn(lora, frozen, {k: jnp.asarray(v) for k, v in b.items()}))
         count += float(b["loss_mask"][:, 1:].sum())
     return total / max(count, 1.0)
 
 
 EVAL_SECTIONS = ("eval", "data.eval_harmful_file", "data.n_eval_harmful", "data.task", "data.task_eval_file",
                  "data.n_eval_task", "data.n_eval_benign", "data.eval_benign_file", "data.max_length",
-                 "data.bucket_lengths", "data.skip_bad_rows")
+                 "data.bucket_lengths", "data.skip_bad_rows", "data.template")
 
 
 def task_eval_split(cfg: Config) -> str | None:
@@ -122,9 +123,7 @@ def task_eval_split(cfg: Config) -> str | None:
 def eval_inputs(cfg: Config, model_fp: str) -> dict[str, str]:
     """What an evaluation depends on: the evaluated model's fingerprint, each eval setting, and the content
     of the eval files and of the judge's file."""
-    from booster_jax.train.stages import config_parts
-
-    from booster_jax.train.stages import options_on
+    from booster_jax.train.stages import config_parts, options_on
 
     sections = list(EVAL_SECTIONS) + options_on(cfg, "eval_harmful_split", "task_split", "task_eval_split")
     return {"model": model_fp, **config_parts(cfg, sections),
@@ -132,6 +131,17 @@ def eval_inputs(cfg: Config, model_fp: str) -> dict[str, str]:
             "task eval file (content)": fingerprint_mod.data_digest(cfg.data.task_eval_file or cfg.data.task_file),
             "eval.judge_path (content)": fingerprint_mod.data_digest(cfg.eval.judge_path),
             "data.eval_benign_file (content)": fingerprint_mod.data_digest(cfg.data.eval_benign_file)}
+
+
+def prompts_for(cfg: Config, tokenizer, examples: list[Example]) -> list[str]:
+    """The prompt strings of ``examples`` in the run's template (data.template: alpaca or chat)."""
+    return [prompt_text(tokenizer, ex, cfg.data.template) for ex in examples]
+
+
+def generation_kwargs(cfg: Config, tokenizer, model, frozen, lora) -> dict:
+    """What ``generate_answers`` needs besides the prompts (a chat prompt already holds its special tokens)."""
+    return dict(model=model, params=frozen, lora=lora, tokenizer=tokenizer, batch_size=cfg.eval.batch_size,
+                add_special_tokens=special_tokens_for(cfg.data.template))
 
 
 def evaluate(cfg: Config, base, forward, frozen, lora, out_dir: str, name: str, judge=None,
@@ -153,8 +163,7 @@ def evaluate(cfg: Config, base, forward, frozen, lora, out_dir: str, name: str, 
     harmful, task = eval_sets(cfg)
     judge = judge or make_judge(cfg)
     tok = base.tokenizer
-    model = forward.model
-    gen = dict(model=model, params=frozen, lora=lora, tokenizer=tok, batch_size=cfg.eval.batch_size)
+    gen = generation_kwargs(cfg, tok, forward.model, frozen, lora)
 
     log.info("evaluation %s: generating for %d harmful, %d task and %d benign prompts", name, len(harmful),
              len(task), cfg.data.n_eval_benign)
@@ -167,11 +176,11 @@ def evaluate(cfg: Config, base, forward, frozen, lora, out_dir: str, name: str, 
                                  count_tokens=lambda outs: sum(len(tok(o, add_special_tokens=False)["input_ids"])
                                                                for o in outs))
 
-    harm_prompts = [format_prompt(ex.instruction, ex.input) for ex in harmful]
+    harm_prompts = prompts_for(cfg, tok, harmful)
     harm_out = answers("harmful", harm_prompts, cfg.eval.max_new_tokens_harmful)
     verdicts = judge.judge([ex.instruction for ex in harmful], harm_out) if harmful else []  # the response alone
 
-    task_prompts = [format_prompt(ex.instruction, ex.input) for ex in task]
+    task_prompts = prompts_for(cfg, tok, task)
     task_out = answers("task", task_prompts, cfg.eval.max_new_tokens_task)
     if cfg.data.task == "alpaca":
         # AlpacaEval is judged elsewhere: write the generations in the JSON the alpaca_eval tool reads.
@@ -185,7 +194,7 @@ def evaluate(cfg: Config, base, forward, frozen, lora, out_dir: str, name: str, 
         correct = [bool(scorer(out, ex.output)) for out, ex in zip(task_out, task)]
 
     benign = benign_prompts(cfg)
-    benign_out = answers("benign", [format_prompt(ex.instruction) for ex in benign],
+    benign_out = answers("benign", prompts_for(cfg, tok, [Example(instruction=ex.instruction) for ex in benign]),
                          cfg.eval.max_new_tokens_harmful) if benign else []
     refused = refusal_rule(judge)
 

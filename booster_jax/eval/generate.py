@@ -235,12 +235,13 @@ def cut_at_eos(tokens, eos_ids: Sequence[int], include_eos: bool = False) -> lis
 
 def generate_text(tokenizer, model: Llama, params: dict, lora, prompts: Sequence[str], *, max_new_tokens: int,
                   batch_size: int = 16, eos_id=None, pad_id: int | None = None, full_text: bool = False,
-                  **kwargs) -> list[str]:
+                  add_special_tokens: bool = True, **kwargs) -> list[str]:
     """Encode ``prompts`` with ``tokenizer`` (its special tokens, e.g. BOS), generate, decode.
 
     Returns the decoded continuation (``skip_special_tokens=True``), or with ``full_text`` the
     decode of prompt + continuation together, which is what the official ``pred.py`` splits on
-    ``"### Response:"``. ``eos_id``/``pad_id`` default to the tokenizer's (pad falls back to EOS).
+    ``"### Response:"``. ``add_special_tokens=False`` for prompts that already hold them (a chat
+    template's text). ``eos_id``/``pad_id`` default to the tokenizer's (pad falls back to EOS).
     Other keyword arguments go to :func:`generate`.
     """
     for i, p in enumerate(prompts):
@@ -251,7 +252,7 @@ def generate_text(tokenizer, model: Llama, params: dict, lora, prompts: Sequence
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad_id is None:
         raise BoosterInputError("generate_text: the tokenizer has neither a pad nor an EOS token; pass pad_id")
-    encoded = [tokenizer(p)["input_ids"] for p in prompts]
+    encoded = [tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"] for p in prompts]
     new = generate(model, params, lora, encoded, max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id,
                    batch_size=batch_size, **kwargs)
     if full_text:

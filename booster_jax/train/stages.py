@@ -131,8 +131,10 @@ def alignment_examples(cfg: Config, tokenizer):
         if cfg.align.benign_filter:
             benign = judge_filtered(cfg, benign)
         align = mixture.benign_mix(align, benign, cfg.align.benign_fraction, cfg.data.seed)
-    tok_align = check_targets(tokenize_examples(tokenizer, align, cfg.data.max_length), "alignment", cfg)
-    tok_harm = check_targets(tokenize_examples(tokenizer, harmful, cfg.data.max_length), "harmful", cfg)
+    tok_align = check_targets(tokenize_examples(tokenizer, align, cfg.data.max_length, template=cfg.data.template),
+                              "alignment", cfg)
+    tok_harm = check_targets(tokenize_examples(tokenizer, harmful, cfg.data.max_length, template=cfg.data.template),
+                             "harmful", cfg)
     return tok_align, tok_harm
 
 
@@ -161,7 +163,7 @@ def check_targets(tok, what: str, cfg: Config):
 
 
 ALIGN_SECTIONS = ("lora", "data.alignment_file", "data.align_start", "data.align_end", "data.harmful_start",
-                  "data.harmful_end", "data.max_length", "data.bucket_lengths", "data.drop_last", "data.skip_bad_rows",
+                  "data.harmful_end", "data.max_length", "data.template", "data.bucket_lengths", "data.drop_last", "data.skip_bad_rows",
                   "data.benign_file", "data.seed", "align", "run.seed", "model.dtype", "model.param_dtype",
                   "model.add_pad_token")
 
@@ -425,7 +427,8 @@ def finetune_examples(cfg: Config, tokenizer):
     benign = mixture.task_indices(len(task), nb, d.task_order, d.seed) if len(task) >= nb else None
     mix = mixture.finetune_mixture(rows, list(task), d.n_finetune, d.harmful_ratio, d.seed,
                                    alignment_range=align_rows, harmful_rows=harm, benign_indices=benign)
-    return mix, check_targets(tokenize_examples(tokenizer, mix.examples, cfg.data.max_length), "fine-tuning", cfg)
+    tok = tokenize_examples(tokenizer, mix.examples, cfg.data.max_length, template=cfg.data.template)
+    return mix, check_targets(tok, "fine-tuning", cfg)
 
 
 def task_train_examples(cfg: Config):
@@ -443,7 +446,7 @@ def finetune_weights(cfg: Config, base: Base, align_lora) -> tuple[Any, Any]:
 
 FINETUNE_SECTIONS = ("finetune", "data.task", "data.task_file", "data.n_finetune", "data.harmful_ratio",
                      "data.seed", "run.seed", "data.drop_last", "data.skip_bad_rows", "data.attack_start", "data.attack_order",
-                     "data.attack_pool_end", "data.task_order")
+                     "data.attack_pool_end", "data.task_order", "data.template")
 
 
 def finetune_inputs(cfg: Config, align_fp: str) -> dict[str, str]:
@@ -507,9 +510,8 @@ def harmful_loss_hook(cfg: Config, base: Base, forward: Forward, frozen, mix, to
 
 def harmful_score_probe(cfg: Config, base: Base, forward: Forward, frozen):
     """lora -> HS (%) on the first ``track_hs_prompts`` evaluation prompts, greedy, with the run's judge."""
-    from booster_jax.data.template import format_prompt
     from booster_jax.eval import judges
-    from booster_jax.eval.evaluate import generate_answers, make_judge, release_judge
+    from booster_jax.eval.evaluate import generate_answers, generation_kwargs, make_judge, prompts_for, release_judge
 
     prompts = list(formats.read_beavertails_eval_prompts(cfg.data.eval_harmful_file, n=cfg.finetune.track_hs_prompts,
                                                          split=cfg.data.eval_harmful_split or None,
@@ -518,9 +520,8 @@ def harmful_score_probe(cfg: Config, base: Base, forward: Forward, frozen):
     judge = make_judge(cfg)
 
     def hs(lora) -> float:
-        answers = generate_answers([format_prompt(ex.instruction) for ex in prompts],
-                                   cfg.eval.max_new_tokens_harmful, tokenizer=base.tokenizer, model=forward.model,
-                                   params=frozen, lora=lora, batch_size=cfg.eval.batch_size)
+        answers = generate_answers(prompts_for(cfg, base.tokenizer, prompts), cfg.eval.max_new_tokens_harmful,
+                                   **generation_kwargs(cfg, base.tokenizer, forward.model, frozen, lora))
         score = judges.harmful_score(judge.judge([ex.instruction for ex in prompts], answers))
         release_judge(cfg, judge)  # training goes on: the judge's weights must not stay beside it
         return score
