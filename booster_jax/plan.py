@@ -163,7 +163,8 @@ def _compiled_memory(cfg, llama, spec, method, stage, rows, mesh) -> dict:
     ms = get_method(method, stage)
     stage_cfg = getattr(cfg, stage)
     optimizer = make_optimizer(stage_cfg.optim, 1000)
-    model = make_model(llama, spec, cfg.model.dtype, cfg.model.param_dtype, deterministic=cfg.lora.dropout == 0)
+    model = make_model(llama, spec, cfg.model.dtype, cfg.model.param_dtype, deterministic=cfg.lora.dropout == 0,
+                       scan_layers=cfg.model.scan_layers)
     section = getattr(stage_cfg, ms.config_section) if ms.config_section else None
     params = jax.eval_shape(lambda: init_params(model, jax.random.key(0)))
     lora = jax.eval_shape(lambda: init_lora(jax.random.key(0), llama, spec))

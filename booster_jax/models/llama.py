@@ -7,7 +7,8 @@ pure function and ``jax.grad`` can be taken with respect to ``l`` alone, at any
 (perturbed) value of it. Two more optional collections ride along the same way:
 ``probe`` (additive perturbations of each attention block's output, for
 Vaccine) and ``cache`` (the key-value cache for generation). Layers are stacked
-on a leading axis with ``nn.scan`` so a 32-layer model compiles one layer.
+on a leading axis with ``nn.scan`` so a 32-layer model compiles one layer (``scan_layers=False``
+unrolls the same loop: see docs/performance.md).
 """
 
 from __future__ import annotations
@@ -326,6 +327,9 @@ class Llama(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     deterministic: bool = True
+    # False: the layer loop is fully unrolled (same parameter tree, same values): no loop-carried
+    # residual buffers, a little faster for shallow models, but compile time grows with depth.
+    scan_layers: bool = True
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, positions=None, cache_index=0, output="logits"):
@@ -344,6 +348,7 @@ class Llama(nn.Module):
             split_rngs={"params": True, "dropout": True},
             in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
             length=cfg.num_layers,
+            unroll=1 if self.scan_layers else cfg.num_layers,
         )(cfg, self.lora, self.dtype, self.param_dtype, self.deterministic, output == "all", name="layers")
         x, per_layer = layers(x, positions, attention_mask, cache_index)
         x = RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype, name="norm")(x)
@@ -361,8 +366,8 @@ class Llama(nn.Module):
 
 
 def make_model(cfg: LlamaConfig, lora: LoraSpec = LoraSpec(), dtype: str = "float32",
-               param_dtype: str = "float32", deterministic: bool = True) -> Llama:
-    return Llama(cfg, lora, DTYPES[dtype], DTYPES[param_dtype], deterministic)
+               param_dtype: str = "float32", deterministic: bool = True, scan_layers: bool = True) -> Llama:
+    return Llama(cfg, lora, DTYPES[dtype], DTYPES[param_dtype], deterministic, scan_layers)
 
 
 def variables(params, lora=None, **extra) -> dict:

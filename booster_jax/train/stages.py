@@ -78,7 +78,7 @@ def lora_spec(cfg: Config) -> LoraSpec:
 
 def forward_for(cfg: Config, base: Base) -> Forward:
     model = make_model(base.llama, lora_spec(cfg), cfg.model.dtype, cfg.model.param_dtype,
-                       deterministic=cfg.lora.dropout == 0)
+                       deterministic=cfg.lora.dropout == 0, scan_layers=cfg.model.scan_layers)
     return Forward(model)
 
 
