@@ -278,7 +278,6 @@ def main(argv=None):
     args = parse(argv, __doc__.splitlines()[0])
     import jax
     import jax.numpy as jnp
-    import torch
 
     from booster_jax.config import BoosterConfig, OptimConfig
     from booster_jax.methods.base import StepContext, get_method, init_state, make_optimizer
