@@ -64,6 +64,7 @@ def model_options(description: str) -> argparse.ArgumentParser:
     p.add_argument("--vocab", type=int)
     p.add_argument("--rank", type=int, default=32)
     p.add_argument("--lora-alpha", type=float, default=4.0)
+    p.add_argument("--no-scan", action="store_true", help="ours with model.scan_layers false (unrolled layer loop)")
     return p
 
 
@@ -126,7 +127,7 @@ def build(args):
         params = hf.load_params(os.path.join(d, "base"), cfg)
         peft_model.save_pretrained(os.path.join(d, "lora"))
         lora, spec = load_peft(os.path.join(d, "lora"), cfg)
-    return peft_model, params, lora, Forward(make_model(cfg, spec))
+    return peft_model, params, lora, Forward(make_model(cfg, spec, scan_layers=not args.no_scan))
 
 
 def make_batches(args, n):
@@ -247,6 +248,7 @@ def shape_line(args, rows_note: str) -> str:
     import torch
 
     src = f"weights of {args.model}" if args.model else f"shape {args.shape}, random weights"
+    src += ", ours with the layer loop unrolled (--no-scan)" if args.no_scan else ", ours with scanned layers"
     return (f"model ({src}): hidden {args.hidden}, intermediate {args.intermediate}, {args.layers} layers, "
             f"{args.heads} heads / {args.kv_heads} KV heads, vocab {args.vocab}, float32; LoRA r {args.rank} "
             f"alpha {args.lora_alpha:g} on q,k,v; batches {args.batch} x {args.seq} tokens; {rows_note}; "
@@ -276,7 +278,6 @@ def main(argv=None):
     args = parse(argv, __doc__.splitlines()[0])
     import jax
     import jax.numpy as jnp
-    import torch
 
     from booster_jax.config import BoosterConfig, OptimConfig
     from booster_jax.methods.base import StepContext, get_method, init_state, make_optimizer

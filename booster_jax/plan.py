@@ -197,7 +197,7 @@ def _compiled_memory(cfg, llama, spec, method, stage, rows, mesh) -> dict:
     stage_cfg = getattr(cfg, stage)
     optimizer = make_optimizer(stage_cfg.optim, 1000)
     model = make_model(llama, spec, cfg.model.dtype, cfg.model.param_dtype, deterministic=cfg.lora.dropout == 0,
-                       remat=cfg.model.remat)
+                       scan_layers=cfg.model.scan_layers, remat=cfg.model.remat)
     section = method_config(ms, stage_cfg)
     params = jax.eval_shape(lambda: init_params(model, jax.random.key(0)))
     lora = jax.eval_shape(lambda: init_lora(jax.random.key(0), llama, spec))

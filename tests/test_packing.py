@@ -102,3 +102,16 @@ def test_packed_batch_has_the_loss_and_gradients_of_its_unpacked_rows():
     # without the segment mask the packed rows would attend across examples: the test can fail
     leaky = dict(packed, attention_mask=(packed["attention_mask"] > 0).astype(np.int32))
     assert abs(float(loss(lora, leaky)) - float(lu)) > 1e-4
+
+
+def test_paper_configs_keep_the_official_sampler():
+    import glob
+    import os
+
+    from booster_jax.config import load_config
+
+    paths = glob.glob(os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "paper", "*.yaml"))
+    assert paths
+    for path in paths:
+        d = load_config(path).data
+        assert not d.group_by_length and not d.pack, path

@@ -42,7 +42,8 @@ import jax
 import jax.numpy as jnp
 
 from booster_jax.config import RepNoiseConfig
-from booster_jax.methods.base import Forward, MethodSpec, StepContext, apply_gradients, global_norm, register
+from booster_jax.methods.base import (Forward, MethodSpec, StepContext, apply_gradients, global_norm, register,
+                                      token_nll)
 from booster_jax.models.llama import MLP, RMSNorm, lm_head, variables
 
 CAPTURE = "probe"
@@ -84,8 +85,7 @@ def masked_token_ce(logits: jax.Array, ids: jax.Array, mask: jax.Array, bf16_lab
     tgt = tgt * mask[:, 1:].astype(jnp.int32)
     vocab = lg.shape[-1]
     valid = (tgt != 0) & (tgt < vocab)  # (a rounded id past the vocabulary would crash the official code)
-    logp = jax.nn.log_softmax(lg, axis=-1)
-    nll = -jnp.take_along_axis(logp, jnp.clip(tgt, 0, vocab - 1)[..., None], axis=-1)[..., 0]
+    nll = token_nll(lg, jnp.clip(tgt, 0, vocab - 1))
     w = valid.astype(jnp.float32)
     return jnp.sum(nll * w) / jnp.maximum(jnp.sum(w), 1.0)
 

@@ -7,7 +7,8 @@ pure function and ``jax.grad`` can be taken with respect to ``l`` alone, at any
 (perturbed) value of it. Two more optional collections ride along the same way:
 ``probe`` (additive perturbations of each attention block's output, for
 Vaccine) and ``cache`` (the key-value cache for generation). Layers are stacked
-on a leading axis with ``nn.scan`` so a 32-layer model compiles one layer.
+on a leading axis with ``nn.scan`` so a 32-layer model compiles one layer (``scan_layers=False``
+unrolls the same loop: see docs/performance.md).
 """
 
 from __future__ import annotations
@@ -411,6 +412,9 @@ class Llama(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     deterministic: bool = True
+    # False: the layer loop is fully unrolled (same parameter tree, same values): no loop-carried
+    # residual buffers, a little faster for shallow models, but compile time grows with depth.
+    scan_layers: bool = True
     remat: str = "none"  # REMAT_POLICIES
 
     @nn.compact
@@ -435,6 +439,7 @@ class Llama(nn.Module):
             split_rngs={"params": True, "dropout": True},
             in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
             length=cfg.num_layers,
+            unroll=1 if self.scan_layers else cfg.num_layers,
         )(cfg, self.lora, self.dtype, self.param_dtype, self.deterministic, output == "all", name="layers")
         x, per_layer = layers(x, positions, attention_mask, cache_index)
         x = RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype, name="norm")(x)
@@ -448,8 +453,9 @@ class Llama(nn.Module):
 
 
 def make_model(cfg: LlamaConfig, lora: LoraSpec = LoraSpec(), dtype: str = "float32",
-               param_dtype: str = "float32", deterministic: bool = True, remat: str = "none") -> Llama:
-    return Llama(cfg, lora, DTYPES[dtype], DTYPES[param_dtype], deterministic, remat)
+               param_dtype: str = "float32", deterministic: bool = True, scan_layers: bool = True,
+               remat: str = "none") -> Llama:
+    return Llama(cfg, lora, DTYPES[dtype], DTYPES[param_dtype], deterministic, scan_layers, remat)
 
 
 def variables(params, lora=None, **extra) -> dict:

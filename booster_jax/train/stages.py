@@ -78,7 +78,8 @@ def lora_spec(cfg: Config) -> LoraSpec:
 
 def forward_for(cfg: Config, base: Base) -> Forward:
     model = make_model(base.llama, lora_spec(cfg), cfg.model.dtype, cfg.model.param_dtype,
-                       deterministic=cfg.lora.dropout == 0, remat=cfg.model.remat)
+                       deterministic=cfg.lora.dropout == 0, scan_layers=cfg.model.scan_layers,
+                       remat=cfg.model.remat)
     return Forward(model)
 
 
