@@ -71,3 +71,19 @@ def test_torn_line_and_other_fingerprint(tmp_path):
     assert resumable_answers("task", ["x", "y"], gen, GenerationLog(path, "fp2"), chunk=8) == ["x!", "y!"]
     assert asked == ["x", "y"]  # another configuration's answers are never reused
     assert any(n.startswith("g.jsonl.old-") for n in os.listdir(tmp_path))  # ... nor deleted
+
+
+def test_settings_that_cannot_change_numbers_keep_the_evaluation():
+    """eval.chunk_prompts and eval.keep_judge_loaded are not in the evaluation's fingerprint; every other
+    eval setting (here the answer length) is."""
+    from booster_jax import fingerprint
+    from booster_jax.config import load_config
+    from booster_jax.eval.evaluate import eval_inputs
+
+    smoke = os.path.join(ROOT, "configs", "synthetic", "smoke.yaml")
+
+    def fp(*overrides):
+        return fingerprint.combine(eval_inputs(load_config(smoke, list(overrides)), "model"))
+
+    assert fp() == fp("eval.chunk_prompts=7", "eval.keep_judge_loaded=true")
+    assert fp() != fp("eval.max_new_tokens_task=5")

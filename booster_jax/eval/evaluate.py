@@ -3,6 +3,7 @@ and held-out losses. Writes one JSON line per sample and a summary JSON; reuses 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -14,7 +15,7 @@ import numpy as np
 
 from booster_jax import files, rundir
 from booster_jax import fingerprint as fingerprint_mod
-from booster_jax.config import Config
+from booster_jax.config import Config, EvalConfig
 from booster_jax.data import formats
 from booster_jax.data.batches import collate
 from booster_jax.data.template import Example, prompt_text, special_tokens_for, tokenize_examples
@@ -110,9 +111,13 @@ def heldout_loss(forward, frozen, lora, tokenizer, examples: list[Example], cfg:
     return total / max(count, 1.0)
 
 
-EVAL_SECTIONS = ("eval", "data.eval_harmful_file", "data.n_eval_harmful", "data.task", "data.task_eval_file",
-                 "data.n_eval_task", "data.n_eval_benign", "data.eval_benign_file", "data.max_length",
-                 "data.bucket_lengths", "data.skip_bad_rows", "data.template")
+# eval settings that cannot change an evaluation's numbers: changing them must not redo one
+RESULT_NEUTRAL_EVAL = ("chunk_prompts", "keep_judge_loaded")
+EVAL_SECTIONS = tuple(f"eval.{f.name}" for f in dataclasses.fields(EvalConfig)
+                      if f.name not in RESULT_NEUTRAL_EVAL) + (
+    "data.eval_harmful_file", "data.n_eval_harmful", "data.task", "data.task_eval_file", "data.n_eval_task",
+    "data.n_eval_benign", "data.eval_benign_file", "data.max_length", "data.bucket_lengths", "data.skip_bad_rows",
+    "data.template")
 
 
 def task_eval_split(cfg: Config) -> str | None:
