@@ -11,7 +11,9 @@ Three implementations of the same step on the same weights and batches, AdamW + 
 
 Every row is the median of ``--steps`` rounds in which all implementations run one step each,
 interleaved, in one process (load drift on a shared host hits all alike); the load average is
-printed at the start and the end. Compile time is ``lower().compile()`` of our step.
+printed at the start and the end. Compile time is ``lower().compile()`` of our step, as wall time and as
+process CPU time (XLA compiles on one thread, so the CPU time is what the compile costs on an idle host
+even when the host is loaded); ``--compile-only`` prints just that and skips the timed rounds.
 
 Shapes: ``--shape bench`` (default: hidden 256, 4 layers, vocab 1000, batch 10 x 64) or
 ``--shape smollm2`` (SmolLM2-135M-Instruct's architecture, randomly initialised: 30 layers,
@@ -92,6 +94,7 @@ def parse(argv, description):
     p = model_options(description)
     p.add_argument("--threads", type=int, default=1, help="CPU threads for torch and XLA (1 or 0 = all cores)")
     p.add_argument("--skip-torch", action="store_true")
+    p.add_argument("--compile-only", action="store_true", help="only compile our two steps and print the times")
     p.add_argument("--eager-row", action="store_true", help="extra row: PyTorch with eager attention")
     return parse_with_threads(p, argv)
 
@@ -290,16 +293,18 @@ def main(argv=None):
     jdata = [jax.tree.map(jnp.asarray, b) for b in data]
     optim = OptimConfig(lr=5e-4, weight_decay=0.1, max_grad_norm=1.0)
     booster = BoosterConfig(lam=5.0, alpha=0.1)
-    compile_s, runners, first_loss = {}, {}, {}
+    compile_s, compile_cpu_s, runners, first_loss = {}, {}, {}, {}
 
     for method in ("sft", "booster"):
         optimizer = make_optimizer(optim)
         step = jax.jit(get_method(method, "align").make_step(StepContext(forward, optimizer, booster)),
                        donate_argnums=(1,))
         box = {"state": init_state(jax.tree.map(jnp.copy, lora), optimizer)}  # donated: a copy each
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         compiled = step.lower(params, box["state"], jdata[0], jax.random.key(0)).compile()
-        compile_s[method] = time.perf_counter() - t0
+        compile_s[method], compile_cpu_s[method] = time.perf_counter() - t0, time.process_time() - c0
+        if args.compile_only:
+            continue
 
         def run(i, step=compiled, box=box):
             box["state"], m = step(params, box["state"], jdata[i], jax.random.key(i))
@@ -308,6 +313,15 @@ def main(argv=None):
 
         first_loss[("ours", method)] = float(run(0))
         runners[("ours", method)] = run
+
+    if args.compile_only:
+        print(shape_line(args, "compile only") + f"; load average {load_start} at the start, {load_avg()} at the end\n")
+        print("| method | layers | scanned | compile wall (s) | compile CPU (s) |\n|---|---:|---|---:|---:|")
+        for method in ("sft", "booster"):
+            print(f"| {method} | {cfg.num_layers} | {'no' if args.no_scan else 'yes'} | {compile_s[method]:.1f} | "
+                  f"{compile_cpu_s[method]:.1f} |")
+        print(f"command: python benchmarks/bench_steps.py {' '.join(argv if argv is not None else sys.argv[1:])}")
+        return
 
     frozen, adapters = plain_jax_weights(params, lora, cfg)
     plain = dict(zip(("sft", "booster"), plain_jax_steps(cfg, forward.model.lora.scaling, make_optimizer(optim),
@@ -349,7 +363,7 @@ def main(argv=None):
                            f"step by step in one process") +
           f"; load average (1/5/15 min) {load_start} at the start, {load_avg()} at the end\n")
     print("| implementation | method | ms / step (median) | Booster / SFT | ours / PyTorch | ours / plain JAX | "
-          "min ms | CPU ms (median) | compile (s) |")
+          "min ms | CPU ms (median) | compile wall / CPU (s) |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     names = {"ours": "booster_jax (jit)", "plain": "plain JAX (jit, unrolled, in this file)",
              "torch": f"PyTorch reference (transformers default attention: {attn if not args.skip_torch else '-'})",
@@ -362,7 +376,7 @@ def main(argv=None):
             ratio = f"{ms / res[(impl, 'sft')]:.2f}" if method == "booster" else "-"
             vs_t = f"{ms / res[('torch', method)]:.2f}" if impl == "ours" and ("torch", method) in res else "-"
             vs_p = f"{ms / res[('plain', method)]:.2f}" if impl == "ours" else "-"
-            first = f"{compile_s[method]:.1f}" if impl == "ours" else "-"
+            first = f"{compile_s[method]:.1f} / {compile_cpu_s[method]:.1f}" if impl == "ours" else "-"
             print(f"| {names[impl]} | {method} | {ms:.1f} | {ratio} | {vs_t} | {vs_p} | "
                   f"{1000 * min(times[(impl, method)]):.1f} | {median_ms(cpu[(impl, method)]):.1f} | {first} |")
     pairs = [(f"ours/PyTorch {m}", ("ours", m), ("torch", m)) for m in ("sft", "booster")]
