@@ -1,6 +1,8 @@
 """The pre-registered recipe selection rule, on hand-made study results."""
 
-from booster_jax.eval.studies import format_study, select_recipe
+import json
+
+from booster_jax.eval.studies import format_study, main, select_recipe
 
 
 def run(method, seed, hs_before, hs_after, fa, p=0.1):
@@ -31,3 +33,13 @@ def test_table_shows_mean_and_spread():
     runs = [run("sft", 0, 0, 80, 70), run("sft", 1, 2, 100, 72)]
     table = format_study(runs)
     assert "| sft | 0.1 | 2 | 1.0 ± 1.4 |" in table and "90.0 ± 14.1" in table
+
+
+def test_cli_bound_on_pre_attack_hs(tmp_path, capsys):
+    """The real setting's bound is 10 (configs/real/smollm2_booster_selected.yaml), the embedded one's 5."""
+    runs = [run("sft", 100, 1, 76, 21), run("booster_l5_a0.1", 100, 8, 50, 20)]
+    (tmp_path / "summaries.json").write_text(json.dumps({"base": None, "runs": runs}))
+    main([str(tmp_path), "--select"])
+    assert "chosen: none qualifies" in capsys.readouterr().out
+    main([str(tmp_path), "--select", "--max-hs-before", "10"])
+    assert "chosen: booster_l5_a0.1" in capsys.readouterr().out

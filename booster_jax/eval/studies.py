@@ -81,6 +81,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run_dir")
     ap.add_argument("--select", action="store_true", help="apply the protocol's recipe selection rule")
+    ap.add_argument("--max-hs-before", type=float, default=5.0,
+                    help="the rule's validity bound on pre-attack HS (5 on the embedded benchmark, 10 on the real setting)")
     ns = ap.parse_args(argv)
     data = json.load(open(os.path.join(ns.run_dir, "summaries.json")))
     if data.get("base"):
@@ -88,7 +90,7 @@ def main(argv=None) -> int:
         print(f"base model: HS {b['hs']:.1f}, FA {b['fa']:.1f}, benign refused {b.get('refused_benign', 'n/a')}\n")
     print(format_study(data["runs"]))
     if ns.select:
-        chosen, notes = select_recipe(data["runs"])
+        chosen, notes = select_recipe(data["runs"], max_hs_before=ns.max_hs_before)
         print("\nselection rule (docs/benchmark_protocol.md):")
         print("\n".join("  " + n for n in notes))
         print(f"\nchosen: {chosen or 'none qualifies -> the paper recipe (lam 5, alpha 0.1, from scratch)'}")
