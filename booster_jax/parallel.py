@@ -344,12 +344,12 @@ def shard_batch(batch, mesh: Mesh):
 
 
 def batch_placer(mesh: Mesh) -> Callable:
-    """``run_stage(place_batch=...)``: shards every stream's batch."""
+    """``StepProgram(place_batch=...)`` (``train.loop``): shards every stream's batch."""
     return lambda batches: shard_batch(batches, mesh)
 
 
 def step_jit_kwargs(mesh: Mesh, frozen, state) -> dict:
-    """``run_stage(jit_kwargs=...)`` for ``step(frozen, state, batches, rng) -> (state, metrics)``:
+    """``StepProgram(jit_kwargs=...)`` (``train.loop``) for ``step(frozen, state, batches, rng) -> (state, metrics)``:
     explicit in/out shardings (frozen and state by the rules, batches over the batch axes, the RNG
     key and the metrics replicated). The state's out sharding equals its in sharding, so the
     donated buffers are reused."""

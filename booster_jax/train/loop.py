@@ -12,6 +12,7 @@ saved and the last good checkpoint survives.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import sys
@@ -101,44 +102,75 @@ def tensorboard_writer(stage_dir: str):
     return SummaryWriter(os.path.join(stage_dir, "tensorboard"))
 
 
+@dataclasses.dataclass(frozen=True)
+class StepProgram:
+    """How one training step runs on the devices; nothing here is about resuming or logging.
+
+    ``fn(frozen, state, batches, rng) -> (state, metrics)`` is jitted once by ``run_stage`` with the
+    state donated (the ``state`` passed in must not be used afterwards), plus ``jit_kwargs`` (e.g.
+    ``in_shardings``/``out_shardings``: ``parallel.step_jit_kwargs``). ``place_batch(batches) ->
+    batches`` puts each step's host batches on the devices (``parallel.batch_placer(mesh)`` shards
+    them over the mesh); None = passed as they are.
+    """
+
+    fn: Callable
+    jit_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    place_batch: Callable[[dict], dict] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Reporting:
+    """What a stage says while it runs; none of it changes a weight, a batch or a checkpoint's state.
+
+    ``metrics_path``: the JSONL of window means (None = none; with ``tensorboard`` also as scalars
+    beside it). ``log_every``: the window, in steps; divergence is checked at these steps and before
+    every save. ``progress``: a tqdm bar on a terminal, else a line per tenth of the stage.
+    ``tokens_key``: the stream whose real tokens tokens/s counts (None = all).
+    ``on_step(step, state, metrics)``: called after each step (and its checkpoint); the state it
+    sees is donated to the next step, so it must not keep it.
+    """
+
+    metrics_path: str | None = None
+    log_every: int = 10
+    tensorboard: bool = False
+    progress: bool = True
+    tokens_key: str | None = None
+    on_step: Callable[[int, Any, Any], None] | None = None
+
+    @classmethod
+    def for_run(cls, run_cfg, **kw) -> "Reporting":
+        """The run config's ``log_every`` and ``tensorboard`` with the rest as given."""
+        return cls(log_every=run_cfg.log_every, tensorboard=run_cfg.tensorboard, **kw)
+
+
 def run_stage(
     *,
     name: str,
     store: StageStore,
-    step_fn: Callable,
+    program: StepProgram,
     frozen: Any,
     state: Any,
     streams: Mapping[str, Any],
     total_steps: int,
     rng: jax.Array,
-    run_cfg: Any,
-    metrics_path: str | None = None,
-    tokens_key: str | None = None,
-    progress: bool = True,
-    stream_fingerprint: str | None = None,
-    jit_kwargs: Mapping[str, Any] | None = None,
-    on_step: Callable[[int, Any, Any], None] | None = None,
-    place_batch: Callable[[dict], dict] | None = None,
+    report: Reporting = Reporting(),
 ) -> tuple[Any, dict]:
-    """Train ``state`` for ``total_steps`` steps of ``step_fn`` (resuming from ``store``) -> (state, summary).
+    """Train ``state`` for ``total_steps`` steps of ``program`` -> (state, summary).
 
-    ``step_fn(frozen, state, batches, rng) -> (state, metrics)``; it is jitted once here with the
-    state donated (the ``state`` passed in must not be used afterwards), plus ``jit_kwargs``
-    (e.g. ``in_shardings``/``out_shardings``). ``streams``: name -> BatchStream (``next_batch``,
-    ``state``, ``restore``). ``tokens_key``: the stream whose real tokens tokens/s counts (None =
-    all). ``stream_fingerprint``: identifies the data; a checkpoint written for other data is
-    refused. ``on_step(step, state, metrics)``: called after each step (and its checkpoint); the
-    state it sees is donated to the next step, so it must not keep it.
-    ``place_batch(batches) -> batches``: puts each step's host batches on the devices (e.g.
-    ``parallel.batch_placer(mesh)`` shards them over the mesh); default: passed as they are.
+    ``store``: the stage's checkpoints, resumed from (the newest good one: state, every stream's
+    position, the RNG key) and saved to (every ``store.checkpoint_every`` steps and at the end);
+    it refuses a checkpoint of another fingerprint. ``streams``: name -> BatchStream
+    (``next_batch``, ``state``, ``restore``). ``report``: logging, progress and the per-step hook.
     Raises ``TrainingDivergedError`` (a ``FloatingPointError``) on a non-finite metric, before
     saving anything from that step on.
     """
     if total_steps < 0:
         raise BoosterInputError(f"stage {name!r}: total_steps must be >= 0, got {total_steps}")
-    if tokens_key is not None and tokens_key not in streams:
-        raise BoosterInputError(f"stage {name!r}: tokens_key {tokens_key!r} is not a stream; have {sorted(streams)}")
-    log_every = max(int(getattr(run_cfg, "log_every", 10)), 1)
+    if report.tokens_key is not None and report.tokens_key not in streams:
+        raise BoosterInputError(f"stage {name!r}: tokens_key {report.tokens_key!r} is not a stream; have "
+                                f"{sorted(streams)}")
+    log_every = max(int(report.log_every), 1)
+    metrics_path = report.metrics_path
     main = is_main_process()
 
     # ---- resume
@@ -147,12 +179,6 @@ def run_stage(
     if restored is not None:
         state, record = restored
         info = record.get("info") or {}
-        saved_fp = info.get("stream_fingerprint")
-        if stream_fingerprint is not None and saved_fp is not None and saved_fp != stream_fingerprint:
-            raise BoosterInputError(
-                f"stage {name!r}: checkpoint {store.step_dir(record['step'])} was written for other data "
-                f"(stream fingerprint {str(saved_fp)[:12]}... vs {str(stream_fingerprint)[:12]}...); delete "
-                f"{store.stage_dir} to re-run the stage on the new data")
         missing = [k for k in streams if k not in record.get("streams", {})]
         if missing:
             raise BoosterInputError(
@@ -184,10 +210,10 @@ def run_stage(
         open(metrics_path, "a").close()  # the log exists from the stage's start, even before its first line
 
     board = tensorboard_writer(os.path.dirname(os.path.abspath(metrics_path))) \
-        if log_metrics and getattr(run_cfg, "tensorboard", False) else None
-    jitted = jax.jit(step_fn, **{"donate_argnums": (1,), **dict(jit_kwargs or {})})
+        if log_metrics and report.tensorboard else None
+    jitted = jax.jit(program.fn, **{"donate_argnums": (1,), **dict(program.jit_kwargs)})
     bar = None
-    if main and progress and sys.stderr.isatty():
+    if main and report.progress and sys.stderr.isatty():
         from tqdm import tqdm
 
         bar = tqdm(total=total_steps, initial=start, desc=name, dynamic_ncols=True, file=sys.stderr)
@@ -219,9 +245,9 @@ def run_stage(
             step = i + 1
             rng, step_rng = jax.random.split(rng)
             batches = {k: s.next_batch() for k, s in streams.items()}
-            n_tok = _count_tokens(batches, tokens_key)  # on the host's global batch, before placement
-            if place_batch is not None:  # scale-out: shard over the mesh (parallel.batch_placer)
-                batches = place_batch(batches)
+            n_tok = _count_tokens(batches, report.tokens_key)  # on the host's global batch, before placement
+            if program.place_batch is not None:  # scale-out: shard over the mesh (parallel.batch_placer)
+                batches = program.place_batch(batches)
             state, metrics = jitted(frozen, state, batches, step_rng)
             if window is None:
                 window = _init_window(metrics)
@@ -261,16 +287,15 @@ def run_stage(
                 try:
                     store.save(step, state, rng=rng, streams={k: s.state() for k, s in streams.items()},
                                wall_time_s=wall, info={"stage": name, "tokens": tokens,
-                                                       "last_metrics": last_metrics,
-                                                       "stream_fingerprint": stream_fingerprint})
+                                                       "last_metrics": last_metrics})
                 except Exception as e:  # noqa: BLE001 - only a full disk is turned into a user message
                     if not rundir.is_disk_full(e):
                         raise
                     raise disk_full_error(name, store, step, e) from None
             if bar is not None:
                 bar.update(1)
-            if on_step is not None:
-                on_step(step, state, metrics)
+            if report.on_step is not None:
+                report.on_step(step, state, metrics)
     finally:
         if board is not None:
             board.close()
@@ -282,4 +307,4 @@ def run_stage(
     return state, _summary(name, total_steps, start, wall, tokens, last_metrics)
 
 
-__all__ = ["TrainingDivergedError", "disk_full_error", "run_stage"]
+__all__ = ["Reporting", "StepProgram", "TrainingDivergedError", "disk_full_error", "run_stage"]

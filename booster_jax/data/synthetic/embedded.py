@@ -133,7 +133,7 @@ def pretrain_base(cfg: Config, recipe: PretrainRecipe = PretrainRecipe(), out_di
     from booster_jax.models import hf
     from booster_jax.models.llama import LlamaConfig, init_params, make_model
     from booster_jax.train.checkpoint import StageStore
-    from booster_jax.train.loop import run_stage
+    from booster_jax.train.loop import Reporting, StepProgram, run_stage
 
     paths = ensure_world(cfg)
     out_dir = out_dir or os.path.join(cfg.world.dir, "base_model")
@@ -164,10 +164,11 @@ def pretrain_base(cfg: Config, recipe: PretrainRecipe = PretrainRecipe(), out_di
     if store.is_done(fingerprint):
         state = store.load_final(state)[0]
     else:
-        state, summary = run_stage(name="pretrain", store=store, step_fn=step_fn, frozen=None, state=state,
-                                   streams={"align": stream}, total_steps=recipe.steps,
-                                   rng=jax.random.key(recipe.seed), run_cfg=cfg.run,
-                                   metrics_path=os.path.join(stage_dir, "metrics.jsonl"), progress=progress)
+        state, summary = run_stage(name="pretrain", store=store, program=StepProgram(step_fn), frozen=None,
+                                   state=state, streams={"align": stream}, total_steps=recipe.steps,
+                                   rng=jax.random.key(recipe.seed),
+                                   report=Reporting.for_run(cfg.run, progress=progress,
+                                                            metrics_path=os.path.join(stage_dir, "metrics.jsonl")))
         store.save_final(state, {"stage": "pretrain", "summary": summary}, fingerprint)
     if jax.process_index() == 0:
         hf.save_params(state.trainable, llama, out_dir)
