@@ -17,7 +17,7 @@ import shutil
 
 import jax
 
-from booster_jax import files
+from booster_jax import files, rundir
 from booster_jax.config import Config, OptimConfig, apply_overrides
 from booster_jax.errors import BoosterInputError
 
@@ -159,6 +159,7 @@ def pretrain_base(cfg: Config, recipe: PretrainRecipe = PretrainRecipe(), out_di
     fingerprint = hashlib.sha256(json.dumps([dataclasses.asdict(recipe), world_fingerprint(paths)]).encode()
                                  ).hexdigest()[:16]
     stage_dir = os.path.join(cfg.world.dir, "pretrain_stage")
+    rundir.claim_stage_dir(stage_dir, fingerprint)  # the one check: another recipe's stage is moved aside
     store = StageStore(stage_dir, cfg.run.keep_last, max(cfg.run.checkpoint_every, 100), fingerprint=fingerprint)
     state = init_state(params, optimizer)
     if store.is_done(fingerprint):
