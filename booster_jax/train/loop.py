@@ -17,7 +17,7 @@ import os
 import shutil
 import sys
 import time
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -143,6 +143,110 @@ class Reporting:
         return cls(log_every=run_cfg.log_every, tensorboard=run_cfg.tensorboard, **kw)
 
 
+class _Resumed(NamedTuple):
+    step: int
+    wall_time_s: float
+    tokens: int
+    last_metrics: dict
+
+
+def _resume(name: str, store: StageStore, state, streams: Mapping[str, Any], rng, total_steps: int):
+    """(state, rng, _Resumed) from the newest good checkpoint of ``store``, the streams moved to their saved
+    positions; the inputs as they are (step 0) when the stage has none."""
+    restored = store.restore_latest(state)
+    if restored is None:
+        return state, rng, _Resumed(0, 0.0, 0, {})
+    state, record = restored
+    info = record.get("info") or {}
+    missing = [k for k in streams if k not in record.get("streams", {})]
+    if missing:
+        raise BoosterInputError(
+            f"stage {name!r}: checkpoint {store.step_dir(record['step'])} has no position for stream(s) "
+            f"{missing} (it has {sorted(record.get('streams', {}))})")
+    for k, s in streams.items():
+        s.restore(record["streams"][k])
+    if record.get("rng") is None:
+        raise BoosterInputError(f"stage {name!r}: checkpoint {store.step_dir(record['step'])} has no RNG key")
+    start = int(record["step"])
+    if start > total_steps:
+        raise BoosterInputError(
+            f"stage {name!r}: checkpoint {store.step_dir(start)} is at step {start}, past total_steps "
+            f"{total_steps}; the schedule changed. Delete {store.stage_dir} to re-run the stage")
+    if is_main_process():
+        print(f"[{name}] resuming from step {start}/{total_steps} ({store.step_dir(start)})", file=sys.stderr)
+    return state, rng_from_json(record["rng"]), _Resumed(start, float(record.get("wall_time_s", 0.0)),
+                                                         int(info.get("tokens", 0)),
+                                                         dict(info.get("last_metrics", {})))
+
+
+def _check_finite(name: str, store: StageStore, window, step: int) -> None:
+    """Raise ``TrainingDivergedError`` if the window holds a non-finite step, saying what a rerun does."""
+    bad_step = int(window["bad_step"]) if window is not None else -1
+    if bad_step >= 0:
+        bad = {k: float(v) for k, v in jax.device_get(window["bad"]).items()}
+        which = ", ".join(f"{k}={v}" for k, v in bad.items() if not np.isfinite(v))
+        good = store.latest_step()
+        raise TrainingDivergedError(
+            f"stage {name!r}: non-finite {which} at step {bad_step} (checked at step {step}); stopped "
+            f"without saving. The last good checkpoint is "
+            + (f"step {good} ({store.step_dir(good)})" if good is not None else "none (no checkpoint yet)")
+            + ". Lower the learning rate or check the data. What a rerun does: with the same settings it "
+            + (f"resumes from step {good}" if good is not None else "starts again from step 0")
+            + " and, with the same data and RNG, most likely diverges at the same step again; with changed "
+            "optimizer settings (they are part of the stage's fingerprint) it starts this stage over from "
+            "step 0 in a fresh directory, keeping this one aside; add run.resume_diverged=true to continue "
+            "from the last good checkpoint with the new settings instead.")
+
+
+class _Output:
+    """Where a running stage's log lines go: metrics.jsonl (and TensorBoard), then a tqdm bar on a terminal
+    or, without one (logs, CI), a line at every tenth of the stage. Process 0 only."""
+
+    def __init__(self, name: str, report: Reporting, total_steps: int, start: int, main: bool):
+        self.name, self.total_steps = name, total_steps
+        self.path = report.metrics_path if main else None
+        log_every = max(int(report.log_every), 1)
+        self.milestone = max(total_steps // 10 // log_every * log_every, log_every)
+        self.main = main
+        if self.path:
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+            _trim_metrics_file(self.path, name, start)
+            open(self.path, "a").close()  # the log exists from the stage's start, even before its first line
+        self.board = tensorboard_writer(os.path.dirname(os.path.abspath(self.path))) \
+            if self.path and report.tensorboard else None
+        self.bar = None
+        if main and report.progress and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start, desc=name, dynamic_ncols=True, file=sys.stderr)
+
+    def log(self, step: int, metrics: dict, rates: dict) -> None:
+        if self.path:  # appended and fsynced: a crash tears at most this line
+            files.append_jsonl(self.path, {"stage": self.name, **metrics, "step": step, **rates})
+        if self.board is not None:
+            for k, v in {**metrics, **rates}.items():
+                self.board.add_scalar(f"{self.name}/{k}", v, step)
+        losses = {k: v for k, v in metrics.items() if "loss" in k}
+        if self.bar is None and self.main and (step % self.milestone == 0 or step == self.total_steps):
+            print(f"[{self.name}] step {step}/{self.total_steps} "
+                  + " ".join(f"{k}={v:.4g}" for k, v in losses.items())
+                  + f" {rates['steps_per_s']:.2f} it/s {rates['tokens_per_s']:.0f} tok/s", file=sys.stderr, flush=True)
+        if self.bar is not None:
+            self.bar.set_postfix(**{k: f"{v:.4g}" for k, v in losses.items()},
+                                 **{"it/s": f"{rates['steps_per_s']:.2f}", "tok/s": f"{rates['tokens_per_s']:.0f}"},
+                                 refresh=False)
+
+    def advance(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.board is not None:
+            self.board.close()
+        if self.bar is not None:
+            self.bar.close()
+
+
 def run_stage(
     *,
     name: str,
@@ -170,75 +274,18 @@ def run_stage(
         raise BoosterInputError(f"stage {name!r}: tokens_key {report.tokens_key!r} is not a stream; have "
                                 f"{sorted(streams)}")
     log_every = max(int(report.log_every), 1)
-    metrics_path = report.metrics_path
     main = is_main_process()
 
-    # ---- resume
-    start, wall_before, tokens_before, last_metrics = 0, 0.0, 0, {}
-    restored = store.restore_latest(state)
-    if restored is not None:
-        state, record = restored
-        info = record.get("info") or {}
-        missing = [k for k in streams if k not in record.get("streams", {})]
-        if missing:
-            raise BoosterInputError(
-                f"stage {name!r}: checkpoint {store.step_dir(record['step'])} has no position for stream(s) "
-                f"{missing} (it has {sorted(record.get('streams', {}))})")
-        for k, s in streams.items():
-            s.restore(record["streams"][k])
-        if record.get("rng") is None:
-            raise BoosterInputError(f"stage {name!r}: checkpoint {store.step_dir(record['step'])} has no RNG key")
-        rng = rng_from_json(record["rng"])
-        start = int(record["step"])
-        wall_before = float(record.get("wall_time_s", 0.0))
-        tokens_before = int(info.get("tokens", 0))
-        last_metrics = dict(info.get("last_metrics", {}))
-        if start > total_steps:
-            raise BoosterInputError(
-                f"stage {name!r}: checkpoint {store.step_dir(start)} is at step {start}, past total_steps "
-                f"{total_steps}; the schedule changed. Delete {store.stage_dir} to re-run the stage")
-        if main:
-            print(f"[{name}] resuming from step {start}/{total_steps} ({store.step_dir(start)})", file=sys.stderr)
+    state, rng, (start, wall_before, tokens_before, last_metrics) = _resume(name, store, state, streams, rng,
+                                                                            total_steps)
     if start >= total_steps:
         return state, _summary(name, total_steps, start, wall_before, tokens_before, last_metrics)
 
-    if main and metrics_path:
-        os.makedirs(os.path.dirname(os.path.abspath(metrics_path)), exist_ok=True)
-        _trim_metrics_file(metrics_path, name, start)
-    log_metrics = bool(main and metrics_path)
-    if log_metrics:
-        open(metrics_path, "a").close()  # the log exists from the stage's start, even before its first line
-
-    board = tensorboard_writer(os.path.dirname(os.path.abspath(metrics_path))) \
-        if log_metrics and report.tensorboard else None
+    out = _Output(name, report, total_steps, start, main)
     jitted = jax.jit(program.fn, **{"donate_argnums": (1,), **dict(program.jit_kwargs)})
-    bar = None
-    if main and report.progress and sys.stderr.isatty():
-        from tqdm import tqdm
-
-        bar = tqdm(total=total_steps, initial=start, desc=name, dynamic_ncols=True, file=sys.stderr)
-
-    milestone = max(total_steps // 10 // log_every * log_every, log_every)
     t0 = time.perf_counter()
     tokens = tokens_before
     window, window_n, window_tokens, t_window = None, 0, 0, t0
-
-    def check_finite(step: int) -> None:
-        bad_step = int(window["bad_step"]) if window is not None else -1
-        if bad_step >= 0:
-            bad = {k: float(v) for k, v in jax.device_get(window["bad"]).items()}
-            which = ", ".join(f"{k}={v}" for k, v in bad.items() if not np.isfinite(v))
-            good = store.latest_step()
-            raise TrainingDivergedError(
-                f"stage {name!r}: non-finite {which} at step {bad_step} (checked at step {step}); stopped "
-                f"without saving. The last good checkpoint is "
-                + (f"step {good} ({store.step_dir(good)})" if good is not None else "none (no checkpoint yet)")
-                + ". Lower the learning rate or check the data. What a rerun does: with the same settings it "
-                + (f"resumes from step {good}" if good is not None else "starts again from step 0")
-                + " and, with the same data and RNG, most likely diverges at the same step again; with changed "
-                "optimizer settings (they are part of the stage's fingerprint) it starts this stage over from "
-                "step 0 in a fresh directory, keeping this one aside; add run.resume_diverged=true to continue "
-                "from the last good checkpoint with the new settings instead.")
 
     try:
         for i in range(start, total_steps):
@@ -259,27 +306,14 @@ def run_stage(
             is_log = step % log_every == 0 or step == total_steps
             is_ckpt = store.should_save(step) or step == total_steps
             if is_log or is_ckpt:
-                check_finite(step)
+                _check_finite(name, store, window, step)
             if is_log:
                 sums = jax.device_get(window["sum"])
                 now = time.perf_counter()
                 dt = max(now - t_window, 1e-9)
                 last_metrics = {k: float(v) / window_n for k, v in sums.items()}
                 rates = {"steps_per_s": window_n / dt, "tokens_per_s": window_tokens / dt}
-                if log_metrics:  # appended and fsynced: a crash tears at most this line
-                    files.append_jsonl(metrics_path, {"stage": name, **last_metrics, "step": step, **rates})
-                if board is not None:
-                    for k, v in {**last_metrics, **rates}.items():
-                        board.add_scalar(f"{name}/{k}", v, step)
-                if bar is None and main and (step % milestone == 0 or step == total_steps):
-                    # No terminal (logs, CI): a line at every tenth of the stage instead of a bar.
-                    losses = " ".join(f"{k}={v:.4g}" for k, v in last_metrics.items() if "loss" in k)
-                    print(f"[{name}] step {step}/{total_steps} {losses} {rates['steps_per_s']:.2f} it/s "
-                          f"{rates['tokens_per_s']:.0f} tok/s", file=sys.stderr, flush=True)
-                if bar is not None:
-                    shown = {k: f"{v:.4g}" for k, v in last_metrics.items() if "loss" in k}
-                    bar.set_postfix(**shown, **{"it/s": f"{rates['steps_per_s']:.2f}",
-                                                "tok/s": f"{rates['tokens_per_s']:.0f}"}, refresh=False)
+                out.log(step, last_metrics, rates)
                 window = _init_window(metrics)
                 window_n, window_tokens, t_window = 0, 0, now
             if is_ckpt:
@@ -292,15 +326,11 @@ def run_stage(
                     if not rundir.is_disk_full(e):
                         raise
                     raise disk_full_error(name, store, step, e) from None
-            if bar is not None:
-                bar.update(1)
+            out.advance()
             if report.on_step is not None:
                 report.on_step(step, state, metrics)
     finally:
-        if board is not None:
-            board.close()
-        if bar is not None:
-            bar.close()
+        out.close()
         store.wait()
 
     wall = wall_before + time.perf_counter() - t0
