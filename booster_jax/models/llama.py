@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from booster_jax.errors import BoosterInputError
 # the parameter schema (plain data): the projections are created from PROJECTIONS
-from booster_jax.models.schema import DTYPE_NAMES, LORA_TARGETS, PROJECTIONS  # noqa: F401 (re-exported)
+from booster_jax.models.schema import DTYPE_NAMES, PROJECTIONS
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
