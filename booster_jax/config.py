@@ -24,13 +24,12 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import yaml
 
 from booster_jax.errors import BoosterInputError
+from booster_jax.models.schema import DTYPE_NAMES, LORA_TARGETS
 
 ALIGN_METHODS = ("sft", "booster", "vaccine", "repnoise", "booster_vaccine")
 FINETUNE_METHODS = ("sft", "lisa")
 TASKS = ("sst2", "agnews", "gsm8k", "alpaca")
 JUDGES = ("beaver_dam", "synthetic", "keyword-refusal")
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-DTYPES = ("float32", "bfloat16")
 SCHEDULES = ("constant", "linear", "cosine")
 
 # Range checks: (what was expected, predicate). Applied element-wise to lists.
@@ -54,8 +53,8 @@ def _f(default, check=None, choices=None, nonempty=False):
 @dataclass(frozen=True)
 class ModelConfig:
     path: str = ""  # local HF dir or hub id; "" = the embedded synthetic world
-    dtype: str = _f("bfloat16", choices=DTYPES)  # compute dtype
-    param_dtype: str = _f("bfloat16", choices=DTYPES)
+    dtype: str = _f("bfloat16", choices=DTYPE_NAMES)  # compute dtype
+    param_dtype: str = _f("bfloat16", choices=DTYPE_NAMES)
     add_pad_token: bool = True  # add [PAD], new embedding rows = mean (official code)
     scan_layers: bool = True
     # what the backward pass keeps of each layer: none (everything), full (recompute each layer),

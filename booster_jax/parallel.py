@@ -17,7 +17,8 @@ model runs on any mesh, at worst with more memory. LoRA adapters follow the weig
 output, ``r`` is replicated.
 
 Rules are found by *key path*, not by position in a tree: the first key that names a model root
-(``embed_tokens``, ``lm_head``, ``norm``, ``score``, ``layers``) starts the parameter path. So the
+(``embed_tokens``, ``lm_head``, ``norm``, ``score``, ``layers``) starts the parameter path, whose logical
+axes the model's schema declares (``models/schema.py``; this module only maps them to mesh axes). So the
 optimizer state (optax states mirror the parameter tree, e.g. ``opt_state[1][0].mu["layers"]...``),
 masked optax states, a method's extra state (Lisa's anchors) and ``{"params": ...}`` wrappers all
 get the sharding of the parameter they belong to; anything else (step counters, scalars) is
@@ -53,7 +54,8 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from booster_jax.errors import BoosterInputError
-from booster_jax.models.llama import ACTIVATION_SHARDING, PROJECTIONS
+from booster_jax.models.llama import ACTIVATION_SHARDING
+from booster_jax.models.schema import ROOTS, param_axes
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +72,6 @@ LOGICAL_RULES: dict[str, str | None] = {
     "lora_rank": None,
 }
 
-# (input, output) logical names of each projection's kernel: the model's schema (models.llama.PROJECTIONS)
-PROJ_AXES = {name: (i, o) for name, (_, i, o) in PROJECTIONS.items()}
-ROOTS = ("embed_tokens", "lm_head", "norm", "score", "layers")
 
 
 # ------------------------------------------------------------------------------------ multi-host
@@ -182,26 +181,12 @@ def logical_axes(keys: Sequence[str], ndim: int) -> tuple[str | None, ...] | Non
     if start is None:
         return None
     k = keys[start:]
-    axes: tuple | None = None
-    if k[:2] == ("embed_tokens", "embedding"):
-        axes = ("vocab", "embed")
-    elif k[:2] == ("lm_head", "kernel"):
-        axes = ("embed", "vocab")
-    elif k[:2] == ("score", "kernel"):
-        axes = ("embed", None)
-    elif k == ("norm", "scale"):
-        axes = (None,)
-    elif k[0] == "layers" and len(k) >= 3 and k[-1] == "scale":
-        axes = ("layers", None)
-    elif k[0] == "layers" and len(k) >= 4 and k[2] in PROJ_AXES:
-        in_ax, out_ax = PROJ_AXES[k[2]]
-        axes = {"kernel": ("layers", in_ax, out_ax), "bias": ("layers", out_ax),
-                "a": ("layers", in_ax, "lora_rank"), "b": ("layers", "lora_rank", out_ax)}.get(k[3])
+    axes = param_axes(k)
     if axes is None or len(axes) != ndim:
         # a silent replica of a new parameter would only show as memory on a pod: say so now
         raise BoosterInputError(
-            f"parameter {'/'.join(k)} ({ndim}-d): no sharding rule matches it; declare its logical axes "
-            "(booster_jax/models/llama.py PROJECTIONS for a projection, parallel.logical_axes otherwise)")
+            f"parameter {'/'.join(k)} ({ndim}-d): no sharding rule matches it; declare its logical axes in the "
+            "model's schema (booster_jax/models/schema.py: PROJECTIONS for a projection, PARAM_AXES otherwise)")
     return axes
 
 
@@ -344,12 +329,12 @@ def shard_batch(batch, mesh: Mesh):
 
 
 def batch_placer(mesh: Mesh) -> Callable:
-    """``run_stage(place_batch=...)``: shards every stream's batch."""
+    """``StepProgram(place_batch=...)`` (``train.loop``): shards every stream's batch."""
     return lambda batches: shard_batch(batches, mesh)
 
 
 def step_jit_kwargs(mesh: Mesh, frozen, state) -> dict:
-    """``run_stage(jit_kwargs=...)`` for ``step(frozen, state, batches, rng) -> (state, metrics)``:
+    """``StepProgram(jit_kwargs=...)`` (``train.loop``) for ``step(frozen, state, batches, rng) -> (state, metrics)``:
     explicit in/out shardings (frozen and state by the rules, batches over the batch axes, the RNG
     key and the metrics replicated). The state's out sharding equals its in sharding, so the
     donated buffers are reused."""

@@ -100,7 +100,7 @@ def leaves_np(tree):
 
 def main(argv=None):
     from booster_jax.train.checkpoint import StageStore
-    from booster_jax.train.loop import run_stage
+    from booster_jax.train.loop import Reporting, StepProgram, run_stage
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -122,11 +122,10 @@ def main(argv=None):
             time.sleep(args.sleep)
 
     # keep the final rng: run_stage does not return it, so recompute it from the checkpoint's JSON
-    state, summary = run_stage(name="tiny", store=store, step_fn=step_fn, frozen=frozen, state=state,
-                               streams=streams, total_steps=args.steps, rng=rng, run_cfg=run_cfg,
-                               metrics_path=os.path.join(args.out, "metrics.jsonl"), tokens_key="align",
-                               progress=False, stream_fingerprint="tiny-data", on_step=on_step,
-                               jit_kwargs=JIT_KWARGS)
+    report = Reporting.for_run(run_cfg, metrics_path=os.path.join(args.out, "metrics.jsonl"), tokens_key="align",
+                               progress=False, on_step=on_step)
+    state, summary = run_stage(name="tiny", store=store, program=StepProgram(step_fn, JIT_KWARGS), frozen=frozen,
+                               state=state, streams=streams, total_steps=args.steps, rng=rng, report=report)
     _, record = store.restore_latest(state)
     store.close()
     np.savez(os.path.join(args.out, "result.npz"), *leaves_np(state))

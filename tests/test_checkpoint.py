@@ -14,7 +14,7 @@ from booster_jax.config import RunConfig
 from booster_jax.errors import BoosterInputError
 from booster_jax.train import checkpoint as ckpt
 from booster_jax.train.checkpoint import CheckpointWarning, StageStore, rng_from_json, rng_to_json
-from booster_jax.train.loop import TrainingDivergedError, run_stage
+from booster_jax.train.loop import Reporting, StepProgram, TrainingDivergedError, run_stage
 from tests import resume_worker as tiny
 
 
@@ -323,9 +323,9 @@ def test_nan_loss_stops_the_stage_and_keeps_the_last_good_checkpoint(tmp_path, b
     store = StageStore(str(tmp_path / "s"), keep_last=3, checkpoint_every=5)
     metrics_path = str(tmp_path / "metrics.jsonl")
     with pytest.raises(TrainingDivergedError) as e:
-        run_stage(name="tiny", store=store, step_fn=step_fn, frozen=frozen, state=fresh_state(built),
-                  streams=tiny.make_streams(), total_steps=12, rng=rng, run_cfg=run_cfg(5, log_every),
-                  metrics_path=metrics_path, progress=False, jit_kwargs=tiny.JIT_KWARGS)
+        run_stage(name="tiny", store=store, program=StepProgram(step_fn, tiny.JIT_KWARGS), frozen=frozen,
+                  state=fresh_state(built), streams=tiny.make_streams(), total_steps=12, rng=rng,
+                  report=Reporting.for_run(run_cfg(5, log_every), metrics_path=metrics_path, progress=False))
     msg = str(e.value)
     assert isinstance(e.value, FloatingPointError)
     assert "stage 'tiny'" in msg and "at step 7" in msg and "loss=nan" in msg
@@ -342,9 +342,9 @@ def test_run_stage_summary_metrics_and_finished_rerun(tmp_path, built):
     frozen, _, step_fn, _, rng = built
     store = StageStore(str(tmp_path / "s"), keep_last=2, checkpoint_every=4)
     metrics_path = str(tmp_path / "m" / "metrics.jsonl")
-    kw = dict(name="tiny", store=store, step_fn=step_fn, frozen=frozen, total_steps=10, rng=rng,
-              run_cfg=run_cfg(4, 3), metrics_path=metrics_path, tokens_key="align", progress=False,
-              jit_kwargs=tiny.JIT_KWARGS)
+    kw = dict(name="tiny", store=store, program=StepProgram(step_fn, tiny.JIT_KWARGS), frozen=frozen,
+              total_steps=10, rng=rng, report=Reporting.for_run(run_cfg(4, 3), metrics_path=metrics_path,
+                                                                tokens_key="align", progress=False))
     streams = tiny.make_streams()
     state, summary = run_stage(state=fresh_state(built), streams=streams, **kw)
     assert int(state.step) == 10 and store.all_steps() == [8, 10]
@@ -504,8 +504,8 @@ def test_jsonl_torn_last_line_is_dropped_on_read_and_on_resume(tmp_path, built):
     frozen, _, step_fn, _, rng = built
     path = str(tmp_path / "m" / "metrics.jsonl")
     store = StageStore(str(tmp_path / "s"), keep_last=2, checkpoint_every=4)
-    kw = dict(name="tiny", store=store, step_fn=step_fn, frozen=frozen, rng=rng, run_cfg=run_cfg(4, 2),
-              metrics_path=path, progress=False, jit_kwargs=tiny.JIT_KWARGS)
+    kw = dict(name="tiny", store=store, program=StepProgram(step_fn, tiny.JIT_KWARGS), frozen=frozen, rng=rng,
+              report=Reporting.for_run(run_cfg(4, 2), metrics_path=path, progress=False))
     run_stage(state=fresh_state(built), streams=tiny.make_streams(), total_steps=4, **kw)
     with open(path, "a") as fh:  # a run killed while appending its step-6 line
         fh.write('{"loss": 1.5, "stage": "tiny", "st')
@@ -537,9 +537,9 @@ def test_a_full_disk_stops_with_the_path_and_keeps_the_last_good_checkpoint(tmp_
 
     monkeypatch.setattr(store, "save", save)
     with pytest.raises(BoosterInputError) as e:
-        run_stage(name="tiny", store=store, step_fn=step_fn, frozen=frozen, state=fresh_state(built),
-                  streams=tiny.make_streams(), total_steps=12, rng=rng, run_cfg=run_cfg(5, 5), progress=False,
-                  jit_kwargs=tiny.JIT_KWARGS)
+        run_stage(name="tiny", store=store, program=StepProgram(step_fn, tiny.JIT_KWARGS), frozen=frozen,
+                  state=fresh_state(built), streams=tiny.make_streams(), total_steps=12, rng=rng,
+                  report=Reporting.for_run(run_cfg(5, 5), progress=False))
     msg = str(e.value)
     assert "the disk is full" in msg and "step 10" in msg and store.steps_dir in msg
     assert "MiB free" in msg and "a checkpoint takes about" in msg
@@ -581,9 +581,9 @@ def test_tensorboard_scalars_beside_metrics(tmp_path, built):
     store = StageStore(str(tmp_path / "s"), keep_last=2, checkpoint_every=4)
     metrics_path = str(tmp_path / "s" / "metrics.jsonl")
     cfg = dataclasses.replace(run_cfg(4, 3), tensorboard=True)
-    run_stage(name="tiny", store=store, step_fn=step_fn, frozen=frozen, state=fresh_state(built),
-              streams=tiny.make_streams(), total_steps=6, rng=rng, run_cfg=cfg, metrics_path=metrics_path,
-              progress=False, jit_kwargs=tiny.JIT_KWARGS)
+    run_stage(name="tiny", store=store, program=StepProgram(step_fn, tiny.JIT_KWARGS), frozen=frozen,
+              state=fresh_state(built), streams=tiny.make_streams(), total_steps=6, rng=rng,
+              report=Reporting.for_run(cfg, metrics_path=metrics_path, progress=False))
     store.close()
     logged = {l["step"]: l["loss"] for l in map(json.loads, open(metrics_path))}
     (path,) = glob.glob(str(tmp_path / "s" / "tensorboard" / "events.out.tfevents.*"))

@@ -43,3 +43,23 @@ def test_legacy_peft_adapter_loads():
     assert sorted(got) == sorted(want)
     for k in want:
         np.testing.assert_array_equal(got[k], want[k])
+
+
+def test_stage_fingerprints_are_those_that_earlier_run_dirs_hold():
+    """A run directory is reused or resumed only under the same stage fingerprint, so a refactor must not move
+    it. The values were computed by the code before the TrainSpec change (f1399a6) for the shipped default
+    config and the built-in defaults (no data files: their digests are 'none')."""
+    import types
+
+    from booster_jax.config import load_config
+    from booster_jax.train import stages
+
+    base = types.SimpleNamespace(fingerprint="m")
+    want = {"configs/synthetic/default.yaml": ("29a6247b7e8b39a9", "b4c58cabf5ba87db", "a6c3b70078d47c6b"),
+            None: ("421b931f7d08e97e", "a82d2789fb4a9842", "b2e7d394e2f5e363")}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for path, (align, warmup, finetune) in want.items():
+        cfg = load_config(os.path.join(root, path) if path else None, [])
+        assert stages.align_fingerprint(cfg, base) == align, path
+        assert stages.warmup_fingerprint(cfg, base, 3) == warmup, path
+        assert stages.finetune_fingerprint(cfg, align) == finetune, path

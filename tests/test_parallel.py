@@ -194,17 +194,17 @@ def _run(mesh, store_dir, steps, checkpoint_every=0, state=None):
     from booster_jax import parallel
     from booster_jax.config import RunConfig
     from booster_jax.train.checkpoint import StageStore
-    from booster_jax.train.loop import run_stage
+    from booster_jax.train.loop import Reporting, StepProgram, run_stage
 
     frozen, state0, step_fn, streams = _build()
     state = state0 if state is None else state
     frozen, state = parallel.place(frozen, mesh), parallel.place(state, mesh)
     run_cfg = dataclasses.replace(RunConfig(), checkpoint_every=checkpoint_every, keep_last=3, log_every=1)
     store = StageStore.from_run_config(store_dir, run_cfg, fingerprint="par")
-    state, _ = run_stage(name="par", store=store, step_fn=parallel.shard_activations(step_fn, mesh), frozen=frozen, state=state, streams=streams(),
-                         total_steps=steps, rng=jax.random.key(5), run_cfg=run_cfg, progress=False,
-                         jit_kwargs=parallel.step_jit_kwargs(mesh, frozen, state),
-                         place_batch=parallel.batch_placer(mesh))
+    program = StepProgram(parallel.shard_activations(step_fn, mesh), parallel.step_jit_kwargs(mesh, frozen, state),
+                          parallel.batch_placer(mesh))
+    state, _ = run_stage(name="par", store=store, program=program, frozen=frozen, state=state, streams=streams(),
+                         total_steps=steps, rng=jax.random.key(5), report=Reporting.for_run(run_cfg, progress=False))
     store.close()
     return state
 

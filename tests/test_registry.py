@@ -75,6 +75,20 @@ def test_an_unknown_parameter_is_an_error_not_a_replica():
     with pytest.raises(BoosterInputError, match="layers/self_attn/new_proj/kernel"):
         parallel.tree_specs(tree, {"data": 1, "fsdp": 2, "tensor": 1})
     assert parallel.tree_specs({"step": np.zeros(())}, {"data": 1, "fsdp": 2, "tensor": 1})["step"] == parallel.P()
+    # not a projection either: a layer norm the schema does not name (a Qwen3-style q_norm), and a head
+    for path, shape in ((("layers", "self_attn", "q_norm", "scale"), (2, 8)), (("value_head", "kernel"), (8, 1)),
+                        (("layers", "mlp", "q_proj", "kernel"), (2, 8, 8))):  # q_proj in the wrong block
+        tree = {"params": {path[0]: {}}}
+        node = tree["params"]
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        node[path[-1]] = np.zeros(shape)
+        if path[0] in parallel.ROOTS:
+            with pytest.raises(BoosterInputError, match="/".join(path)):
+                parallel.tree_specs(tree, {"data": 1, "fsdp": 2, "tensor": 1})
+        from booster_jax.models.hf import hf_tensor_name
+        with pytest.raises(BoosterInputError, match="not in the model's schema"):
+            hf_tensor_name(path)
 
 
 def test_plan_refuses_a_mesh_that_leaves_a_big_parameter_whole():

@@ -123,8 +123,9 @@ def _diverging_stage(tmp_path, lr, fingerprint, resume_diverged=False, steps=12)
     from booster_jax.train import stages
     from tests import resume_worker as tiny
 
-    cfg = load_config(None, [f"align.optim.lr={lr}", "run.checkpoint_every=5", "run.log_every=1",
-                             "run.keep_last=3", f"run.resume_diverged={str(resume_diverged).lower()}"])
+    cfg = load_config(None, ["align.method=sft", f"align.optim.lr={lr}", "run.checkpoint_every=5",
+                             "run.log_every=1", "run.keep_last=3",
+                             f"run.resume_diverged={str(resume_diverged).lower()}"])
     forward = Forward(make_model(tiny.CFG, tiny.SPEC))
     lora0 = init_lora(jax.random.key(1), tiny.CFG, tiny.SPEC)
 
@@ -134,9 +135,9 @@ def _diverging_stage(tmp_path, lr, fingerprint, resume_diverged=False, steps=12)
         return forward(trainable, frozen, batch, **kw) + jnp.where(moved > 0.27, jnp.nan, 0.0)
 
     frozen, *_ = tiny.build()
-    return stages.train(cfg, "align", "sft", cfg.align.optim, poisoned, frozen["params"], lora0,
-                        tiny.make_streams(), steps, str(tmp_path / "align" / "stage"), fingerprint,
-                        {"stage": "align"}, False, rng_seed=0)
+    spec = stages.TrainSpec("align", "align", steps, 0, str(tmp_path / "align" / "stage"), fingerprint,
+                            progress=False)
+    return stages.train(cfg, spec, poisoned, frozen["params"], lora0, tiny.make_streams())
 
 
 def test_nan_stop_says_what_a_rerun_does_and_resume_diverged_continues_with_new_optimizer(tmp_path, capfd):

@@ -230,6 +230,30 @@ def world(tmp_path_factory):
     return str(root)
 
 
+def test_a_pretrain_stage_of_another_recipe_is_moved_aside_like_every_stage(world, tmp_path):
+    """The world's pre-training is claimed like the other stages (``rundir.claim_stage_dir``, one check, one
+    reaction): a stage directory of another recipe is moved aside and the stage runs afresh, where it used
+    to warn and then refuse to restore the old checkpoint."""
+    import glob
+    import shutil
+
+    from booster_jax import rundir
+    from booster_jax.config import load_config
+    from booster_jax.data.synthetic.embedded import PretrainRecipe, pretrain_base
+
+    root = tmp_path / "world"
+    shutil.copytree(world, root)
+    cfg = load_config(SMOKE, [f"world.dir={root}", f"run.output_dir={root}/pre"])
+    recipe = PretrainRecipe(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, num_kv_heads=1,
+                            steps=3, batch_size=8, warmup_steps=1)
+    with pytest.warns(rundir.StageMovedAsideWarning, match="another configuration"):
+        pretrain_base(cfg, recipe, out_dir=str(tmp_path / "base"), progress=False)
+    (old,) = glob.glob(str(root / "pretrain_stage.old-*"))
+    new_fp = json.load(open(root / "pretrain_stage" / "DONE"))["fingerprint"]
+    assert new_fp != json.load(open(os.path.join(old, "DONE")))["fingerprint"]
+    assert json.load(open(root / "pretrain_stage" / "final" / "meta.json"))["summary"]["steps"] == 3
+
+
 def test_progress_lines_shared_cache_and_changed_input_message(world, tmp_path, capsys, caplog):
     import shutil
 

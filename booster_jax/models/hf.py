@@ -21,7 +21,8 @@ import numpy as np
 
 from booster_jax import files
 from booster_jax.errors import BoosterInputError
-from booster_jax.models.llama import DTYPES, PROJECTIONS, LlamaConfig, init_params, make_model
+from booster_jax.models.llama import DTYPES, LlamaConfig, init_params, make_model
+from booster_jax.models.schema import param_axes
 
 ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "F64": np.float64,
              "I64": np.int64, "I32": np.int32}
@@ -135,23 +136,22 @@ def _read_header(path: str) -> tuple[dict, int]:
     return header, data_start
 
 
+HF_HEADS = ("lm_head", "score")  # HF keeps these beside the backbone ``model.*``
+
+
 def hf_tensor_name(path: tuple[str, ...]) -> tuple[str, bool]:
-    """Our param path -> (HF name with ``{i}`` for the layer, whether it is transposed)."""
-    if path[0] == "embed_tokens":
-        return "model.embed_tokens.weight", False
-    if path[0] == "norm":
-        return "model.norm.weight", False
-    if path[0] == "lm_head":
-        return "lm_head.weight", True
-    if path[0] == "score":
-        return "score.weight", True
-    assert path[0] == "layers", path
-    if path[-1] == "scale":
-        return f"model.layers.{{i}}.{path[1]}.weight", False
-    block, proj, leaf = path[1], path[2], path[3]
-    if PROJECTIONS.get(proj, ("",))[0] != block:  # the model's schema names every projection and its block
-        raise BoosterInputError(f"parameter {'/'.join(path)}: not a projection of the model's schema (PROJECTIONS)")
-    return f"model.layers.{{i}}.{block}.{proj}.{'weight' if leaf == 'kernel' else 'bias'}", leaf == "kernel"
+    """Our param path -> (HF name with ``{i}`` for the layer, whether it is transposed).
+
+    Derived from the model's schema (``models/schema.py``), whose module names are HF's: the name is
+    the path under ``model.`` (the heads beside it), the layer index after ``layers``, and ``weight`` /
+    ``bias`` for the leaf; HF stores a Linear's kernel transposed."""
+    if param_axes(path) is None:
+        raise BoosterInputError(f"parameter {'/'.join(path)}: not in the model's schema (models/schema.py)")
+    *modules, leaf = path
+    if modules[0] == "layers":
+        modules = ["layers", "{i}", *modules[1:]]
+    prefix = "" if modules[0] in HF_HEADS else "model."
+    return f"{prefix}{'.'.join(modules)}.{'bias' if leaf == 'bias' else 'weight'}", leaf == "kernel"
 
 
 def _keys(path) -> tuple[str, ...]:

@@ -23,18 +23,11 @@ import jax
 import jax.numpy as jnp
 
 from booster_jax.errors import BoosterInputError
+# the parameter schema (plain data): the projections are created from PROJECTIONS
+from booster_jax.models.schema import DTYPE_NAMES, PROJECTIONS
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
-# The schema of the projections, declared once where the model creates them: name -> (block, logical axis
-# of the input features, of the output features). LoRA targets, the LoRA tree's layout and shapes
-# (models/lora.py), the sharding rules (parallel.py) and the activation constraints read this table.
-PROJECTIONS: dict[str, tuple[str, str, str]] = {
-    "q_proj": ("self_attn", "embed", "heads"), "k_proj": ("self_attn", "embed", "heads"),
-    "v_proj": ("self_attn", "embed", "heads"), "o_proj": ("self_attn", "heads", "embed"),
-    "gate_proj": ("mlp", "embed", "mlp"), "up_proj": ("mlp", "embed", "mlp"), "down_proj": ("mlp", "mlp", "embed"),
-}
-LORA_TARGETS = tuple(PROJECTIONS)
 
 # Set by ``parallel.shard_activations`` while a step is traced: (x, logical name of x's last axis) -> x with
 # its sharding constrained (batch over the batch axes). None (the default): constraints are identities.
@@ -59,7 +52,7 @@ class Embed(nn.Embed):
     def __call__(self, inputs):
         return jnp.take(constrain(self.embedding.astype(self.dtype), rows="vocab"), inputs, axis=0)
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+DTYPES = {name: getattr(jnp, name) for name in DTYPE_NAMES}  # model.dtype / model.param_dtype
 
 # model.remat: what the backward pass keeps of each scanned layer (jax.checkpoint policies). "none" keeps
 # every activation; "full" keeps the layer's input and recomputes the layer in the backward pass;

@@ -15,7 +15,8 @@ import numpy as np
 
 from booster_jax import files
 from booster_jax.errors import BoosterInputError
-from booster_jax.models.llama import LORA_TARGETS, PROJECTIONS, LlamaConfig, LoraSpec, projection_shape
+from booster_jax.models.llama import LlamaConfig, LoraSpec, projection_shape
+from booster_jax.models.schema import LORA_TARGETS, PROJECTIONS
 
 BLOCK_OF = {name: block for name, (block, _, _) in PROJECTIONS.items()}  # the model's schema
 PEFT_PREFIX = "base_model.model.model.layers"

@@ -14,7 +14,7 @@ import dataclasses
 import glob
 import logging
 import os
-from typing import Any
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +30,7 @@ from booster_jax.models import hf
 from booster_jax.models.llama import LlamaConfig, LoraSpec, make_model
 from booster_jax.models.lora import init_lora, merge_lora
 from booster_jax.train.checkpoint import StageStore
-from booster_jax.train.loop import TrainingDivergedError, disk_full_error, run_stage
+from booster_jax.train.loop import Reporting, StepProgram, TrainingDivergedError, disk_full_error, run_stage
 
 log = logging.getLogger(__name__)
 
@@ -221,34 +221,62 @@ def run_align(cfg: Config, base: Base, stage_dir: str, progress: bool = True, ca
         wfp = warmup_fingerprint(cfg, base, warm)
         warm_dir = os.path.join(cache_dir, "warmup", wfp) if cache_dir else os.path.join(stage_dir, "warmup")
         with rundir.shared_dir_lock(warm_dir) if cache_dir else contextlib.nullcontext():  # other runs wait
-            warm_state = train(warm_cfg, "align", "sft", cfg.align.optim, forward, base.params, trainable,
-                               {"align": streams["align"]}, warm, warm_dir, wfp, _meta(cfg, base, "align-warmup"),
-                               progress, rng_seed=cfg.run.seed, return_state=True)
+            warm_spec = TrainSpec("align", "align-warmup", warm, cfg.run.seed, warm_dir, wfp, _meta(cfg, base),
+                                  progress=progress)
+            warm_state = train(warm_cfg, warm_spec, forward, base.params, trainable, {"align": streams["align"]},
+                               return_state=True)
         trainable = warm_state.trainable
         if cfg.align.warmup_optimizer == "keep":  # AdamW moments and step count carry over to the method
             opt_state = warm_state.opt_state
-    return train(cfg, "align", cfg.align.method, cfg.align.optim, forward, base.params, trainable,
-                 streams, steps - warm, stage_dir, fp, _meta(cfg, base, "align"), progress,
-                 rng_seed=cfg.run.seed + 7, opt_state=opt_state)
+    align_spec = TrainSpec("align", "align", steps - warm, cfg.run.seed + 7, stage_dir, fp, _meta(cfg, base),
+                           progress=progress)
+    return train(cfg, align_spec, forward, base.params, trainable, streams, opt_state=opt_state)
 
 
-def train(cfg: Config, stage: str, method: str, optim_cfg, forward: Forward, frozen, trainable, streams,
-          steps: int, stage_dir: str, fingerprint: str, meta: dict, progress: bool, rng_seed: int,
-          hooks=(), opt_state=None, return_state: bool = False) -> Any:
+@dataclasses.dataclass(frozen=True)
+class TrainSpec:
+    """One training stage apart from the arrays it starts from: what ``train`` needs to find, resume or run it.
+
+    Why these fields: ``section`` is the config section (``align`` / ``finetune``) that is the one source
+    of the stage's method, optimizer and method settings -- they are read from it, not passed beside it,
+    so they cannot disagree (the SFT warm start is a config whose ``align.method`` is ``sft``).
+    ``label`` names the stage where a later run looks for it (final/meta.json, DIVERGED; the warm start is
+    ``align-warmup`` in section ``align``). ``stage_dir`` and ``fingerprint`` are its identity on disk:
+    the directory is claimed with the fingerprint. ``steps`` and ``rng_seed`` fix what it computes;
+    ``meta`` is what else final/meta.json records (base model, resolved config). ``hooks``
+    ((every, fn(state) -> metrics) pairs, rows of ``track.jsonl``) and ``progress`` only report.
+    The weights, streams and optimizer state stay ``train`` arguments: they are large, donated or
+    advanced by the stage, not a description of it.
+    """
+
+    section: str
+    label: str
+    steps: int
+    rng_seed: int
+    stage_dir: str
+    fingerprint: str
+    meta: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    hooks: tuple = ()
+    progress: bool = True
+
+
+def train(cfg: Config, spec: TrainSpec, forward: Forward, frozen, trainable, streams, *, opt_state=None,
+          return_state: bool = False) -> Any:
     """One training stage: reuse a finished one, else (re)start from its last checkpoint; returns the weights.
 
     A stage directory left by another configuration is moved aside (``claim_stage``), never reused.
-    ``hooks``: (every, fn(state) -> metrics) pairs whose results go to ``track.jsonl``. ``opt_state``: start from
-    another stage's optimizer state (the warm start's, with ``align.warmup_optimizer: keep``); ``return_state``:
-    return the whole ``TrainState``, not only the weights.
+    ``opt_state``: start from another stage's optimizer state (the warm start's, with
+    ``align.warmup_optimizer: keep``); ``return_state``: return the whole ``TrainState``, not only the weights.
     """
-    spec = get_method(method, stage)
-    accept = claim_stage(cfg, meta["stage"], stage_dir, fingerprint)
-    store = StageStore(stage_dir, cfg.run.keep_last, cfg.run.checkpoint_every, fingerprint=fingerprint,
-                       also_accept=accept)
-    optimizer = make_optimizer(optim_cfg, steps)
-    section = method_config(spec, getattr(cfg, stage))
-    extra = spec.init_extra(trainable, frozen, section) if spec.init_extra else ()
+    stage_cfg = getattr(cfg, spec.section)
+    method = get_method(stage_cfg.method, spec.section)
+    name = f"{spec.section}:{stage_cfg.method}"
+    fp, stage_dir, steps = spec.fingerprint, spec.stage_dir, spec.steps
+    accept = claim_stage(cfg, spec.label, stage_dir, fp)
+    store = StageStore(stage_dir, cfg.run.keep_last, cfg.run.checkpoint_every, fingerprint=fp, also_accept=accept)
+    optimizer = make_optimizer(stage_cfg.optim, steps)
+    section = method_config(method, stage_cfg)
+    extra = method.init_extra(trainable, frozen, section) if method.init_extra else ()
     state = init_state(trainable, optimizer, extra)
     if opt_state is not None:  # continue another stage's optimizer (align.warmup_optimizer: keep)
         state = state._replace(opt_state=opt_state)
@@ -256,8 +284,8 @@ def train(cfg: Config, stage: str, method: str, optim_cfg, forward: Forward, fro
     mesh = parallel.mesh_for(cfg)
     frozen, state = parallel.place(frozen, mesh), parallel.place(state, mesh)
     # ---
-    if store.is_done(fingerprint):
-        log.info("%s:%s: finished stage found, reusing %s", stage, method, stage_dir)
+    if store.is_done(fp):
+        log.info("%s: finished stage found, reusing %s", name, stage_dir)
         state, final_meta = store.load_final(state)
         # a later stage that continues these streams (align after its warm start) must see them where they
         # ended, whether this stage ran now or was reused
@@ -265,35 +293,38 @@ def train(cfg: Config, stage: str, method: str, optim_cfg, forward: Forward, fro
             if k in streams:
                 streams[k].restore(pos)
         return state if return_state else state.trainable
-    log.info("%s:%s: starting, %d steps -> %s", stage, method, steps, stage_dir)
-    mesh_rows = mesh_padding(mesh, {k: streams[k] for k in spec.streams}, f"{stage}:{method}")
-    step_fn = spec.make_step(StepContext(forward, optimizer, section, total_steps=steps))
-    step_fn = parallel.shard_activations(step_fn, mesh)  # scale-out: batch-sharded activations (FSDP)
+    log.info("%s: starting, %d steps -> %s", name, steps, stage_dir)
+    used = {k: streams[k] for k in method.streams}
+    mesh_rows = mesh_padding(mesh, used, name)
+    step_fn = method.make_step(StepContext(forward, optimizer, section, total_steps=steps))
+    program = StepProgram(parallel.shard_activations(step_fn, mesh),  # scale-out: batch-sharded activations
+                          jit_kwargs=parallel.step_jit_kwargs(mesh, frozen, state),  # scale-out
+                          place_batch=parallel.batch_placer(mesh))  # scale-out
+    report = Reporting.for_run(cfg.run, metrics_path=os.path.join(stage_dir, "metrics.jsonl"),
+                               progress=spec.progress, tokens_key=method.streams[0],
+                               on_step=_tracker(spec.hooks, stage_dir))
     try:
-        state, summary = run_stage(name=f"{stage}:{method}", store=store, step_fn=step_fn, frozen=frozen,
-                                   state=state, streams={k: streams[k] for k in spec.streams}, total_steps=steps,
-                                   rng=jax.random.key(rng_seed), run_cfg=cfg.run,
-                                   metrics_path=os.path.join(stage_dir, "metrics.jsonl"), progress=progress,
-                                   tokens_key=spec.streams[0], on_step=_tracker(hooks, stage_dir),
-                                   jit_kwargs=parallel.step_jit_kwargs(mesh, frozen, state),  # scale-out
-                                   place_batch=parallel.batch_placer(mesh))  # scale-out
+        state, summary = run_stage(name=name, store=store, program=program, frozen=frozen, state=state,
+                                   streams=used, total_steps=steps, rng=jax.random.key(spec.rng_seed),
+                                   report=report)
     except TrainingDivergedError:
         if jax.process_index() == 0:  # what run.resume_diverged=true looks for
             files.write_json_atomic(os.path.join(stage_dir, DIVERGED), {
-                "stage": meta["stage"], "fingerprint": fingerprint, "step": store.latest_step(),
+                "stage": spec.label, "fingerprint": fp, "step": store.latest_step(),
                 "config": config_to_dict(cfg)})
         raise
-    padding = {k: round(1.0 - (1.0 - streams[k].padding_fraction) * mesh_rows.get(k, 1.0), 4) for k in spec.streams}
+    padding = {k: round(1.0 - (1.0 - s.padding_fraction) * mesh_rows.get(k, 1.0), 4) for k, s in used.items()}
     losses = " ".join(f"{k}={v:.4g}" for k, v in summary.get("metrics", {}).items() if "loss" in k)
-    log.info("%s:%s finished: %d steps, %s, padding overhead %s (padded tokens / all tokens, per stream)",
-             stage, method, steps, losses or "no loss logged", padding)
+    log.info("%s finished: %d steps, %s, padding overhead %s (padded tokens / all tokens, per stream)",
+             name, steps, losses or "no loss logged", padding)
     try:
-        store.save_final(state, {**meta, "summary": {**summary, "padding_fraction": padding},
-                                 "streams": {k: streams[k].state() for k in spec.streams}}, fingerprint)
+        store.save_final(state, {"stage": spec.label, **spec.meta,
+                                 "summary": {**summary, "padding_fraction": padding},
+                                 "streams": {k: s.state() for k, s in used.items()}}, fp)
     except Exception as e:  # noqa: BLE001 - only a full disk is turned into a user message
         if not rundir.is_disk_full(e):
             raise
-        raise disk_full_error(f"{stage}:{method}", store, steps, e, what=f"the stage output under {store.final_dir}")
+        raise disk_full_error(name, store, steps, e, what=f"the stage output under {store.final_dir}")
     return state if return_state else state.trainable
 
 
@@ -401,8 +432,9 @@ def _tracker(hooks, stage_dir: str):
     return on_step
 
 
-def _meta(cfg: Config, base: Base, stage: str) -> dict:
-    return {"stage": stage, "config": config_to_dict(cfg), "base_model": base.model_dir,
+def _meta(cfg: Config, base: Base) -> dict:
+    """What final/meta.json records beside the stage's label and summary: the resolved config and the base."""
+    return {"config": config_to_dict(cfg), "base_model": base.model_dir,
             "base_fingerprint": base.fingerprint, "tokenizer_size": len(base.tokenizer)}
 
 
@@ -481,9 +513,9 @@ def run_finetune(cfg: Config, base: Base, align_lora, align_fp: str, stage_dir: 
     if cfg.finetune.track_every and mix.n_harmful:
         hooks.append(harmful_loss_hook(cfg, base, forward, frozen, mix, tok))
     steps = total_steps(cfg.finetune, streams["task"].steps_per_epoch)
-    lora = train(cfg, "finetune", cfg.finetune.method, cfg.finetune.optim, forward, frozen, trainable, streams,
-                 steps, stage_dir, fp, _meta(cfg, base, "finetune"), progress, rng_seed=cfg.run.seed + 11,
-                 hooks=hooks)
+    spec = TrainSpec("finetune", "finetune", steps, cfg.run.seed + 11, stage_dir, fp, _meta(cfg, base),
+                     hooks=tuple(hooks), progress=progress)
+    lora = train(cfg, spec, forward, frozen, trainable, streams)
     return frozen, lora
 
 

@@ -17,7 +17,7 @@ import shutil
 
 import jax
 
-from booster_jax import files
+from booster_jax import files, rundir
 from booster_jax.config import Config, OptimConfig, apply_overrides
 from booster_jax.errors import BoosterInputError
 
@@ -133,7 +133,7 @@ def pretrain_base(cfg: Config, recipe: PretrainRecipe = PretrainRecipe(), out_di
     from booster_jax.models import hf
     from booster_jax.models.llama import LlamaConfig, init_params, make_model
     from booster_jax.train.checkpoint import StageStore
-    from booster_jax.train.loop import run_stage
+    from booster_jax.train.loop import Reporting, StepProgram, run_stage
 
     paths = ensure_world(cfg)
     out_dir = out_dir or os.path.join(cfg.world.dir, "base_model")
@@ -159,15 +159,17 @@ def pretrain_base(cfg: Config, recipe: PretrainRecipe = PretrainRecipe(), out_di
     fingerprint = hashlib.sha256(json.dumps([dataclasses.asdict(recipe), world_fingerprint(paths)]).encode()
                                  ).hexdigest()[:16]
     stage_dir = os.path.join(cfg.world.dir, "pretrain_stage")
+    rundir.claim_stage_dir(stage_dir, fingerprint)  # the one check: another recipe's stage is moved aside
     store = StageStore(stage_dir, cfg.run.keep_last, max(cfg.run.checkpoint_every, 100), fingerprint=fingerprint)
     state = init_state(params, optimizer)
     if store.is_done(fingerprint):
         state = store.load_final(state)[0]
     else:
-        state, summary = run_stage(name="pretrain", store=store, step_fn=step_fn, frozen=None, state=state,
-                                   streams={"align": stream}, total_steps=recipe.steps,
-                                   rng=jax.random.key(recipe.seed), run_cfg=cfg.run,
-                                   metrics_path=os.path.join(stage_dir, "metrics.jsonl"), progress=progress)
+        state, summary = run_stage(name="pretrain", store=store, program=StepProgram(step_fn), frozen=None,
+                                   state=state, streams={"align": stream}, total_steps=recipe.steps,
+                                   rng=jax.random.key(recipe.seed),
+                                   report=Reporting.for_run(cfg.run, progress=progress,
+                                                            metrics_path=os.path.join(stage_dir, "metrics.jsonl")))
         store.save_final(state, {"stage": "pretrain", "summary": summary}, fingerprint)
     if jax.process_index() == 0:
         hf.save_params(state.trainable, llama, out_dir)
