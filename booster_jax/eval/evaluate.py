@@ -74,10 +74,14 @@ def benign_prompts(cfg: Config) -> list[Example]:
 
 def heldout_harmful(cfg: Config) -> list[Example]:
     """(harmful prompt -> harmful response) pairs of the evaluation prompts: their LM loss is the held-out
-    harmful loss Booster's claim is about (it should stay high after alignment)."""
+    harmful loss Booster's claim is about (it should stay high after alignment).
+
+    Rows with an empty response (a prompts-only file, as the real setting's) are left out: their "loss"
+    would be that of ending the turn at once, not of a harmful answer. None left: the loss is NaN."""
     rows = formats.read_beavertails(cfg.data.eval_harmful_file, split=cfg.data.eval_harmful_split or None,
                                     skip_bad_rows=cfg.data.skip_bad_rows)
-    return [Example(instruction=r.prompt, output=r.response) for r in rows if not r.is_safe][:cfg.data.n_eval_harmful]
+    rows = [r for r in rows if not r.is_safe][:cfg.data.n_eval_harmful]
+    return [Example(instruction=r.prompt, output=r.response) for r in rows if r.response.strip()]
 
 
 def eval_sets(cfg: Config) -> tuple[list[Example], list[Example]]:
