@@ -24,6 +24,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import logging
 import os
 import shutil
 import sys
@@ -149,13 +150,26 @@ class _Corrupt(Exception):
     pass
 
 
+class _UnretrievedRestoreErrors(logging.Filter):
+    """Drops asyncio's "Task/Future exception was never retrieved" records for Orbax's array reads: after
+    the first read of a damaged checkpoint fails, the reads still pending fail too and nobody awaits them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        unretrieved = text.startswith(("Task exception was never retrieved", "Future exception was never retrieved"))
+        return not (unretrieved and ("async_deserialize" in text or "tensorstore_spec" in text))
+
+
 def _ignore_closed_loop_callbacks() -> None:
     """After a failed restore, TensorStore's pending reads finish on Orbax's already closed event loop
     and each prints a ``RuntimeError: Event loop is closed`` traceback (through ``sys.excepthook`` or
-    the unraisable hook; hundreds for one damaged checkpoint). They say nothing beyond the restore
-    error itself, so those two hooks drop exactly that error from now on."""
+    the unraisable hook; hundreds for one damaged checkpoint), and asyncio logs each unawaited failed
+    read. They say nothing beyond the restore error itself, so from the first restore on, those two
+    hooks drop exactly that error and the asyncio logger those records. Installed before a restore
+    starts, not after it fails: the callbacks race with the failure reaching us."""
     if getattr(sys.excepthook, "_booster_quiet", False):
         return
+    logging.getLogger("asyncio").addFilter(_UnretrievedRestoreErrors())
 
     def closed_loop(exc) -> bool:
         return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
@@ -335,6 +349,7 @@ class StageStore:
             f"{self.steps_dir} and rerun, which resumes from them.")
 
     def _restore_step(self, step: int, abstract) -> tuple[Any, dict]:
+        _ignore_closed_loop_callbacks()
         try:
             record = self.manager.restore(step, args=ocp.args.Composite(**{self.INFO: ocp.args.JsonRestore()}))[
                 self.INFO]
@@ -356,7 +371,6 @@ class StageStore:
             state = self.manager.restore(step, args=ocp.args.Composite(**{
                 self.STATE: ocp.args.StandardRestore(abstract)}))[self.STATE]
         except Exception as e:  # noqa: BLE001
-            _ignore_closed_loop_callbacks()
             raise _Corrupt(f"cannot restore the state: {_first_line(e)}") from e
         got = state_checksum(state)
         if got != record["checksum"]:
