@@ -2,7 +2,9 @@
 
 import json
 
-from booster_jax.eval.studies import format_study, main, select_recipe
+import pytest
+
+from booster_jax.eval.studies import format_study, harmful_effect, main, select_recipe
 
 
 def run(method, seed, hs_before, hs_after, fa, p=0.1):
@@ -43,3 +45,27 @@ def test_cli_bound_on_pre_attack_hs(tmp_path, capsys):
     assert "chosen: none qualifies" in capsys.readouterr().out
     main([str(tmp_path), "--select", "--max-hs-before", "10"])
     assert "chosen: booster_l5_a0.1" in capsys.readouterr().out
+
+
+def test_directories_merge_and_conflicting_duplicates_are_refused(tmp_path, capsys):
+    """Seeds run in two directories make one study; the same run with other numbers is an error naming both."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    (a / "summaries.json").write_text(json.dumps({"base": None, "runs": [run("sft", 0, 1, 40, 10), run("sft", 0, 1, 20, 12, p=0.0)]}))
+    (b / "summaries.json").write_text(json.dumps({"base": None, "runs": [run("sft", 1, 3, 50, 14), run("sft", 0, 1, 40, 10)]}))
+    main([str(a), str(b)])
+    out = capsys.readouterr().out
+    assert "| sft | 0.1 | 2 | 2.0 ± 1.4 |" in out and "45.0 ± 7.1" in out   # the duplicate counted once
+    assert "sft: +20.0 (1 seed)" in out                                     # only seed 0 has both ratios
+    (b / "summaries.json").write_text(json.dumps({"base": None, "runs": [run("sft", 0, 1, 41, 10)]}))
+    with pytest.raises(ValueError, match="both hold sft seed 0 p = 0.1"):
+        main([str(a), str(b)])
+    with pytest.raises(FileNotFoundError, match="no summaries.json"):
+        main([str(tmp_path / "missing")])
+
+
+def test_harmful_effect_pairs_by_seed():
+    runs = [run("sft", 0, 1, 41, 13), run("sft", 0, 1, 22, 12, p=0.0), run("sft", 1, 1, 60, 13),
+            run("sft", 1, 1, 20, 12, p=0.0), run("sft", 2, 1, 99, 13)]   # seed 2 has no control: left out
+    e = harmful_effect(runs)["sft"]
+    assert e["seeds"] == 2 and e["effect"] == (19 + 40) / 2 and abs(e["effect_std"] - 14.849) < 1e-3
