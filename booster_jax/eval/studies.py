@@ -143,4 +143,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    try:
+        raise SystemExit(main())
+    except (ValueError, FileNotFoundError) as e:   # bad input: one line, no traceback
+        raise SystemExit(f"error: {e}")
