@@ -169,7 +169,9 @@ def _ignore_closed_loop_callbacks() -> None:
     starts, not after it fails: the callbacks race with the failure reaching us."""
     if getattr(sys.excepthook, "_booster_quiet", False):
         return
-    logging.getLogger("asyncio").addFilter(_UnretrievedRestoreErrors())
+    asyncio_log = logging.getLogger("asyncio")
+    if not any(isinstance(f, _UnretrievedRestoreErrors) for f in asyncio_log.filters):  # hooks replaced since
+        asyncio_log.addFilter(_UnretrievedRestoreErrors())
 
     def closed_loop(exc) -> bool:
         return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
