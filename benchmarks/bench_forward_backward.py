@@ -8,6 +8,9 @@ labelled extra); plain JAX: ``bench_steps.plain_jax_loss`` (unrolled, from the m
 median of interleaved calls in one process; the load average is printed.
 
     python benchmarks/bench_forward_backward.py [--shape bench|smollm2] [--model DIR] [--steps 20] [--threads 1]
+
+``--threads 1`` (the default) pins the whole process to one CPU and torch to one thread, and stops before
+the table if a row's CPU / wall (printed per row) exceeds 1.2, exactly as in ``bench_steps.py``.
 """
 
 from __future__ import annotations
@@ -18,8 +21,8 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_steps import (build, cpu_ratios, interleave, load_avg, make_batches, median_ms, parse, plain_jax_loss,  # noqa: E402
-                         plain_jax_weights, shape_line)
+from bench_steps import (build, check_one_thread, cpu_per_wall, cpu_ratios, interleave, load_avg,  # noqa: E402
+                         make_batches, median_ms, parse, plain_jax_loss, plain_jax_weights, shape_line)
 
 
 def main(argv=None):
@@ -66,13 +69,15 @@ def main(argv=None):
             runners[name] = theirs
         attn = peft_model.config._attn_implementation
     times, cpu = interleave(runners, args.steps)
+    per_wall = {k: cpu_per_wall(times[k], cpu[k]) for k in runners}
+    check_one_thread(args, per_wall)
     res = {k: median_ms(v) for k, v in times.items()}
 
     print(shape_line(args, f"median of {args.steps} calls after a warm-up, interleaved in one process") +
           f"; load average (1/5/15 min) {load_start} at the start, {load_avg()} at the end\n")
     print("| implementation | forward + LoRA backward, median (ms) | ours / PyTorch | ours / plain JAX | min (ms) | "
-          "CPU ms (median) | compile (s) |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+          "CPU ms (median) | CPU / wall | compile (s) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     names = {"ours": "booster_jax (jit value_and_grad)", "plain": "plain JAX (jit, unrolled, bench_steps.py)",
              "torch": f"transformers + PEFT (default attention: {attn if not args.skip_torch else '-'})",
              "torch_eager": "extra: transformers + PEFT, eager attention"}
@@ -80,7 +85,8 @@ def main(argv=None):
         vs_t = f"{res['ours'] / res['torch']:.2f}" if k == "ours" and "torch" in res else "-"
         vs_p = f"{res['ours'] / res['plain']:.2f}" if k == "ours" else "-"
         first = f"{compile_s:.1f}" if k == "ours" else "-"
-        print(f"| {names[k]} | {res[k]:.1f} | {vs_t} | {vs_p} | {1000 * min(times[k]):.1f} | {median_ms(cpu[k]):.1f} | {first} |")
+        print(f"| {names[k]} | {res[k]:.1f} | {vs_t} | {vs_p} | {1000 * min(times[k]):.1f} | {median_ms(cpu[k]):.1f} | "
+              f"{per_wall[k]:.2f} | {first} |")
     print("\nthe same ratios from process CPU time: " +
           cpu_ratios(cpu, [("ours/PyTorch", "ours", "torch"), ("ours/plain", "ours", "plain")]))
     print("same loss on the first batch: " + ", ".join(f"{k} {v:.6f}" for k, v in losses.items()))

@@ -8,10 +8,14 @@ reported separately. Prints a Markdown table and the command that produced it.
     python benchmarks/bench_generate.py [--model DIR] [--batch 8] [--prompt-len 32] [--new-tokens 64] [--repeats 3] [--threads 1]
 
 ``--model DIR`` times a local Hugging Face LLaMA directory's weights instead of the random model.
-``--threads 1`` (the default) pins both torch and XLA's CPU backend to one thread: on a
-shared, oversubscribed host, torch's OpenMP threads spin against other processes and a
-[8, 256] x [256, 688] linear can take milliseconds instead of microseconds, which would
-measure the host's load rather than the decoders. ``--threads 0`` leaves both at their defaults.
+``--threads 1`` (the default) pins the whole process to one CPU (``--cpu N``, default the lowest
+it may use) before jax or torch start, and torch to one thread: on a shared, oversubscribed host,
+torch's OpenMP threads spin against other processes and a [8, 256] x [256, 688] linear can take
+milliseconds instead of microseconds, which would measure the host's load rather than the decoders;
+and XLA's thread flags alone do not bound its CPU thread pool. It is checked: each row prints its
+process CPU time per wall second over the timed calls, and with ``--threads 1`` the run stops
+(SystemExit naming ``--threads 1``) before the table if either exceeds 1.2. ``--threads 0`` leaves
+both libraries at their defaults.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.bench_steps import check_one_thread, cpu_per_wall, pin_threads, thread_options, threads_note  # noqa: E402
 
 
 def build_reference(args):
@@ -42,12 +47,14 @@ def build_reference(args):
 
 
 def time_calls(fn, repeats):
-    times = []
+    """(median wall seconds per call, process CPU seconds per wall second over the calls)."""
+    wall, cpu = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return statistics.median(wall), cpu_per_wall(wall, cpu)
 
 
 def main(argv=None):
@@ -62,11 +69,9 @@ def main(argv=None):
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--threads", type=int, default=1, help="CPU threads for torch and XLA (0 = library defaults)")
+    thread_options(p, default=1)
     args = p.parse_args(argv)
-    if args.threads == 1:  # must be set before jax initialises its CPU backend
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                                   " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1").strip()
+    pin_threads(args)  # before jax and torch start their thread pools
 
     import jax
     import numpy as np
@@ -99,7 +104,7 @@ def main(argv=None):
     t0 = time.perf_counter()
     ours_out = ours()
     first_call = time.perf_counter() - t0
-    t_ours = time_calls(ours, args.repeats)
+    t_ours, ours_per_wall = time_calls(ours, args.repeats)
 
     ids = torch.tensor(prompts)
     ref.generation_config.eos_token_id = None
@@ -111,7 +116,8 @@ def main(argv=None):
                                 max_new_tokens=args.new_tokens, eos_token_id=None, pad_token_id=0)
 
     ref_out = theirs()[:, args.prompt_len:].tolist()
-    t_ref = time_calls(theirs, args.repeats)
+    t_ref, ref_per_wall = time_calls(theirs, args.repeats)
+    check_one_thread(args, {"booster_jax generate": ours_per_wall, "transformers generate": ref_per_wall})
     same = sum(a == b for a, b in zip(ours_out, ref_out))
 
     jax_dev = jax.devices()[0]
@@ -119,13 +125,13 @@ def main(argv=None):
     print(f"model{' ' + args.model if args.model else ''}: hidden {args.hidden}, {args.layers} layers, {args.heads} heads, vocab {args.vocab}, float32; "
           f"batch {args.batch}, prompt {args.prompt_len} tokens, {args.new_tokens} new tokens (greedy, no EOS); "
           f"median of {args.repeats} after warm-up; host {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} CPUs, threads {args.threads or 'default'} (torch {torch.get_num_threads()}), load average {os.getloadavg()[0]:.1f}\n")
-    print("| implementation | device | time / batch (s) | generated tokens/s | first call incl. compile (s) |")
-    print("|---|---|---:|---:|---:|")
+          f"{os.cpu_count()} CPUs, {threads_note(args)}, torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}\n")
+    print("| implementation | device | time / batch (s) | generated tokens/s | CPU / wall | first call incl. compile (s) |")
+    print("|---|---|---:|---:|---:|---:|")
     print(f"| booster_jax generate (jit, KV cache, while_loop) | {jax_dev.platform} | {t_ours:.3f} | "
-          f"{n_tokens / t_ours:,.0f} | {first_call:.2f} |")
+          f"{n_tokens / t_ours:,.0f} | {ours_per_wall:.2f} | {first_call:.2f} |")
     print(f"| transformers {__import__('transformers').__version__} generate | {torch_dev} | {t_ref:.3f} | "
-          f"{n_tokens / t_ref:,.0f} | - |")
+          f"{n_tokens / t_ref:,.0f} | {ref_per_wall:.2f} | - |")
     print(f"\nidentical greedy outputs: {same}/{args.batch} sequences")
     print(f"command: python benchmarks/bench_generate.py {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip())
 

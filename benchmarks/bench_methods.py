@@ -12,6 +12,10 @@ same computation on the other stream).
 
     python benchmarks/bench_methods.py [--steps 20] [--batch 10] [--seq 64] [--hidden 256] [--layers 4]
                                        [--vocab 1000] [--rank 32] [--threads 0] [--methods sft,booster,...]
+
+``--threads 1`` pins the whole process to one CPU before jax starts (``bench_steps.pin_threads``; XLA's
+thread flags alone do not bound its pool) and stops before the table if a row's CPU / wall, printed
+per row, exceeds 1.2; the default 0 leaves XLA its own threads.
 """
 
 from __future__ import annotations
@@ -32,10 +36,9 @@ PASSES = {("align", "sft"): "1", ("align", "booster"): "3", ("align", "vaccine")
 
 
 def parse(argv):
-    from benchmarks.bench_steps import model_options, parse_with_threads
+    from benchmarks.bench_steps import model_options, parse_with_threads, thread_options
 
-    p = model_options(__doc__.splitlines()[0])
-    p.add_argument("--threads", type=int, default=0, help="1 = XLA's CPU backend on one thread; 0 = default")
+    p = thread_options(model_options(__doc__.splitlines()[0]), default=0)
     p.add_argument("--methods", default="", help="comma-separated subset, e.g. sft,vaccine (default: all)")
     return parse_with_threads(p, argv)
 
@@ -45,7 +48,7 @@ def main(argv=None):
     import jax
     import jax.numpy as jnp
 
-    from benchmarks.bench_steps import build, make_batches
+    from benchmarks.bench_steps import build, check_one_thread, cpu_per_wall, interleave, make_batches, threads_note
     from booster_jax.config import AlignConfig, FinetuneConfig, OptimConfig
     from booster_jax.methods.base import StepContext, get_method, init_state, make_optimizer, method_config
 
@@ -77,12 +80,9 @@ def main(argv=None):
         compile_s[(stage, method)] = time.perf_counter() - t0
         runners[(stage, method)] = run
 
-    times = {k: [] for k in runners}
-    for i in range(1, args.steps + 1):
-        for key, run in runners.items():
-            t0 = time.perf_counter()
-            run(i)
-            times[key].append(time.perf_counter() - t0)
+    times, cpu = interleave(runners, args.steps)
+    per_wall = {k: cpu_per_wall(times[k], cpu[k]) for k in runners}
+    check_one_thread(args, {" ".join(k): r for k, r in per_wall.items()})
     med = {k: 1000 * statistics.median(v) for k, v in times.items()}
     best = {k: 1000 * min(v) for k, v in times.items()}
 
@@ -90,16 +90,16 @@ def main(argv=None):
           f"vocab {args.vocab}, float32; LoRA r {args.rank} alpha {args.lora_alpha:g} on q,k,v; batches "
           f"{args.batch} x {args.seq} tokens per stream; median of {args.steps} steps after a compiling call, "
           f"methods interleaved step by step; JAX {jax.__version__} on {jax.devices()[0].platform}; "
-          f"{os.cpu_count()} CPUs, XLA threads {'1' if args.threads == 1 else 'default'}, "
+          f"{os.cpu_count()} CPUs, {threads_note(args)}, "
           f"load average {os.getloadavg()[0]:.1f} at the end\n")
     print("| stage | method | fwd+bwd passes | ms / step (median) | / SFT (same stage) | min ms | "
-          "first call incl. compile (s) |")
-    print("|---|---|---|---:|---:|---:|---:|")
+          "CPU / wall | first call incl. compile (s) |")
+    print("|---|---|---|---:|---:|---:|---:|---:|")
     for stage, method in plan:
         key = (stage, method)
         ratio = f"{med[key] / med[(stage, 'sft')]:.2f}" if (stage, "sft") in med else "-"
         print(f"| {stage} | {method} | {PASSES[key]} | {med[key]:.1f} | {ratio} | {best[key]:.1f} | "
-              f"{compile_s[key]:.1f} |")
+              f"{per_wall[key]:.2f} | {compile_s[key]:.1f} |")
     given = " ".join(argv if argv is not None else sys.argv[1:])
     print(f"\ncommand: python benchmarks/bench_methods.py {given}".rstrip())
 

@@ -24,8 +24,13 @@ LoRA r 32, alpha 4 on q, k, v (the paper's adapter).
     python benchmarks/bench_steps.py [--shape bench|smollm2] [--model DIR] [--steps 20] [--threads 1]
                                      [--eager-row] [--skip-torch] [--batch 10] [--seq 64] ...
 
-``--threads 1`` (the main rows) pins torch and XLA's CPU backend to one thread each; 0 leaves both
-at their defaults (all cores).
+``--threads 1`` (the default, the main rows) pins the whole process to one CPU (``--cpu N``, default
+the lowest CPU it may use) before jax or torch start, and sets torch to one thread: XLA's thread
+flags alone do not bound its CPU thread pool (jax 0.10.2 used ~2 CPU seconds per wall second), so the
+affinity is what makes ours / PyTorch one thread against one thread. It is checked: every row prints
+its process CPU time per wall second over the timed calls, and with ``--threads 1`` the run stops
+(SystemExit naming ``--threads 1``) before printing the table if any row exceeds 1.2. ``--threads 0``
+leaves both libraries at their defaults (all cores).
 """
 
 from __future__ import annotations
@@ -70,9 +75,64 @@ def model_options(description: str) -> argparse.ArgumentParser:
     return p
 
 
+MAX_CPU_PER_WALL = 1.2  # one thread cannot use more CPU than wall time; the rest is timer slack
+
+
+def thread_options(p: argparse.ArgumentParser, default: int) -> argparse.ArgumentParser:
+    """``--threads`` and ``--cpu``, the same in every CPU benchmark (see ``pin_threads``)."""
+    p.add_argument("--threads", type=int, default=default,
+                   help="1 = the whole process pinned to one CPU, torch on one thread; 0 = library defaults")
+    p.add_argument("--cpu", type=int, help="the CPU --threads 1 pins to (default: the lowest this process may use)")
+    return p
+
+
+def pin_threads(args) -> None:
+    """``--threads 1``: pin every thread of this process (and so every thread it starts later) to one CPU.
+
+    XLA's thread flags do not bound its CPU thread pool, so only the affinity makes a wall-clock ratio
+    against one-thread torch a one-thread-vs-one-thread ratio. Call before jax or torch start their pools.
+    """
+    if args.threads != 1:
+        if args.cpu is not None:
+            raise SystemExit("--cpu only applies with --threads 1")
+        return
+    if not hasattr(os, "sched_setaffinity"):
+        raise SystemExit("--threads 1 needs os.sched_setaffinity (Linux) to pin the process to one CPU")
+    allowed = os.sched_getaffinity(0)
+    args.cpu = min(allowed) if args.cpu is None else args.cpu
+    if args.cpu not in allowed:
+        raise SystemExit(f"--threads 1: --cpu {args.cpu} is not one of this process's CPUs {sorted(allowed)}")
+    for tid in os.listdir("/proc/self/task"):  # threads already running (normally just this one)
+        try:
+            os.sched_setaffinity(int(tid), {args.cpu})
+        except ProcessLookupError:  # it ended meanwhile
+            pass
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1").strip()
+
+
+def cpu_per_wall(wall, cpu) -> float:
+    """Process CPU seconds per wall second over a row's timed calls (at most ~1 on one thread)."""
+    return sum(cpu) / max(sum(wall), 1e-12)
+
+
+def check_one_thread(args, ratios: dict) -> None:
+    """With ``--threads 1``, stop before any table is printed if a row used more than one thread's CPU time."""
+    over = {k: r for k, r in ratios.items() if r > MAX_CPU_PER_WALL}
+    if args.threads == 1 and over:
+        raise SystemExit("--threads 1 did not hold: CPU/wall " + ", ".join(f"{k} {r:.2f}" for k, r in over.items()) +
+                         f" > {MAX_CPU_PER_WALL}, so more than one thread ran and the wall-clock ratios would not "
+                         "be one thread vs one thread; no table printed")
+
+
+def threads_note(args) -> str:
+    return f"one thread (process pinned to CPU {args.cpu})" if args.threads == 1 else "XLA default threads"
+
+
 def parse_with_threads(p: argparse.ArgumentParser, argv):
-    """Parse, fill unset model options from ``--shape``; ``--threads 1`` pins XLA to one thread (before jax starts)."""
+    """Parse (``p`` has ``thread_options``), pin with ``--threads 1`` first, fill unset model options from ``--shape``."""
     args = p.parse_args(argv)
+    pin_threads(args)  # before booster_jax.models.hf below imports jax
     for k, v in SHAPES[args.shape].items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
@@ -84,15 +144,12 @@ def parse_with_threads(p: argparse.ArgumentParser, argv):
         args.hidden, args.intermediate, args.layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
         args.heads, args.kv_heads, args.vocab = cfg.num_heads, cfg.num_kv_heads, cfg.vocab_size
     args.head_dim = args.hidden // args.heads
-    if args.threads == 1:
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                                   " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1").strip()
     return args
 
 
 def parse(argv, description):
     p = model_options(description)
-    p.add_argument("--threads", type=int, default=1, help="CPU threads for torch and XLA (1 or 0 = all cores)")
+    thread_options(p, default=1)
     p.add_argument("--skip-torch", action="store_true")
     p.add_argument("--compile-only", action="store_true", help="only compile our two steps and print the times")
     p.add_argument("--eager-row", action="store_true", help="extra row: PyTorch with eager attention")
@@ -239,7 +296,7 @@ def median_ms(times):
 
 def host_line(args, torch):
     return (f"host {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-            f"torch threads {torch.get_num_threads()}, XLA threads {'1' if args.threads == 1 else 'default'}")
+            f"torch threads {torch.get_num_threads()}, {threads_note(args)}")
 
 
 def load_avg() -> str:
@@ -358,13 +415,15 @@ def main(argv=None):
         attn = peft_model.config._attn_implementation
 
     times, cpu = interleave(runners, args.steps)
+    per_wall = {k: cpu_per_wall(times[k], cpu[k]) for k in runners}
+    check_one_thread(args, {" ".join(k): r for k, r in per_wall.items()})
     res = {k: median_ms(v) for k, v in times.items()}
     print(shape_line(args, f"median of {args.steps} rounds after a warm-up, all {len(runners)} runs interleaved "
                            f"step by step in one process") +
           f"; load average (1/5/15 min) {load_start} at the start, {load_avg()} at the end\n")
     print("| implementation | method | ms / step (median) | Booster / SFT | ours / PyTorch | ours / plain JAX | "
-          "min ms | CPU ms (median) | compile wall / CPU (s) |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+          "min ms | CPU ms (median) | CPU / wall | compile wall / CPU (s) |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     names = {"ours": "booster_jax (jit)", "plain": "plain JAX (jit, unrolled, in this file)",
              "torch": f"PyTorch reference (transformers default attention: {attn if not args.skip_torch else '-'})",
              "torch_eager": "extra: PyTorch reference, eager attention"}
@@ -378,7 +437,8 @@ def main(argv=None):
             vs_p = f"{ms / res[('plain', method)]:.2f}" if impl == "ours" else "-"
             first = f"{compile_s[method]:.1f} / {compile_cpu_s[method]:.1f}" if impl == "ours" else "-"
             print(f"| {names[impl]} | {method} | {ms:.1f} | {ratio} | {vs_t} | {vs_p} | "
-                  f"{1000 * min(times[(impl, method)]):.1f} | {median_ms(cpu[(impl, method)]):.1f} | {first} |")
+                  f"{1000 * min(times[(impl, method)]):.1f} | {median_ms(cpu[(impl, method)]):.1f} | "
+                  f"{per_wall[(impl, method)]:.2f} | {first} |")
     pairs = [(f"ours/PyTorch {m}", ("ours", m), ("torch", m)) for m in ("sft", "booster")]
     pairs += [(f"ours/plain {m}", ("ours", m), ("plain", m)) for m in ("sft", "booster")]
     pairs += [(f"Booster/SFT {i}", (i, "booster"), (i, "sft")) for i in ("ours", "plain", "torch")]

@@ -1,0 +1,63 @@
+"""The CPU benchmarks' ``--threads 1``: one CPU for the whole process, and the CPU/wall guard that checks it.
+
+XLA's thread flags alone left its CPU pool running several threads (process CPU time ~2x wall in
+jax 0.10.2), so ours-vs-torch wall ratios were not one thread vs one thread. Checked here:
+
+* ``bench_steps.parse([... "--threads", "1"])`` in a fresh process (jax not yet imported) leaves
+  every thread of the process, including the ones jax starts afterwards, on exactly one CPU, and a jitted
+  computation with independent branches then runs at CPU time <= 1.3 x wall time;
+* ``check_one_thread`` raises SystemExit naming ``--threads 1`` at CPU/wall 2, and not at 1 or without it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from benchmarks.bench_steps import check_one_thread
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+WORKER = r"""
+import json, os, sys, time
+sys.path.insert(0, sys.argv[1])
+from benchmarks.bench_steps import parse
+args = parse(["--threads", "1", "--steps", "1"], "test")
+assert "jax" not in sys.modules
+import jax, jax.numpy as jnp
+f = jax.jit(lambda x: sum(jnp.tanh((x + i) @ x).sum() for i in range(8)))  # independent branches
+x = jnp.ones((256, 256))
+f(x).block_until_ready()
+t0, c0 = time.perf_counter(), time.process_time()
+for _ in range(20):
+    f(x).block_until_ready()
+ratio = (time.process_time() - c0) / (time.perf_counter() - t0)
+tasks = {tid: sorted(os.sched_getaffinity(int(tid))) for tid in os.listdir("/proc/self/task")}
+print(json.dumps({"cpu": args.cpu, "process": sorted(os.sched_getaffinity(0)), "tasks": tasks, "ratio": ratio}))
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="CPU affinity is Linux-only")
+def test_threads_1_pins_the_process_to_one_cpu():
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    out = subprocess.run([sys.executable, "-c", WORKER, ROOT], env=env, capture_output=True, text=True,
+                         timeout=120, check=True).stdout
+    got = json.loads(out.strip().splitlines()[-1])
+    assert got["cpu"] == min(os.sched_getaffinity(0))
+    assert got["process"] == [got["cpu"]]
+    assert len(got["tasks"]) > 1  # jax's own threads exist, and they are pinned too
+    assert all(cpus == [got["cpu"]] for cpus in got["tasks"].values()), got["tasks"]
+    assert got["ratio"] <= 1.3, got["ratio"]
+
+
+def test_cpu_per_wall_guard():
+    one = argparse.Namespace(threads=1)
+    with pytest.raises(SystemExit, match="--threads 1"):
+        check_one_thread(one, {"ours sft": 1.0, "ours booster": 2.0})
+    check_one_thread(one, {"ours sft": 1.0, "torch sft": 0.6})  # a loaded host: below 1 is fine
+    check_one_thread(argparse.Namespace(threads=0), {"ours sft": 2.0})  # not asked for one thread
