@@ -137,7 +137,7 @@ def test_chat_template_trains_the_assistant_turn_only(tokenizer):
 
 def test_prepare_on_a_truncated_copy(tmp_path, model_dir):
     spec = prep.PrepareSpec(n_eval_harmful=6, n_attack=3, n_align=4, oversample=3.0, n_benign=3, n_eval_benign=4,
-                            n_task_train=12, n_task_test=4, max_new_tokens=12, gen_batch=8)
+                            n_benign_task=2, n_task_train=12, n_task_test=4, max_new_tokens=12, gen_batch=8)
     m = prep.prepare(str(tmp_path), spec, model_dir=model_dir)
     where = prep.paths(str(tmp_path))
     rows = formats.read_refusal_rows(where["refusals"])
@@ -151,7 +151,13 @@ def test_prepare_on_a_truncated_copy(tmp_path, model_dir):
     assert len(formats.read_instructions(where["benign"])) == 3
     task = formats.read_gsm8k(where["task_test"])
     assert len(task) == 4 and all("The final answer is: " in e.output for e in task)
-    assert not {e.instruction for e in task} & {e.instruction for e in formats.read_gsm8k(where["task_train"])}
+    task_train = {e.instruction for e in formats.read_gsm8k(where["task_train"])}
+    assert not {e.instruction for e in task} & task_train
+    mixed = formats.read_instructions(where["benign_task"])
+    assert [e.instruction for e in mixed[:3]] == [e.instruction for e in formats.read_instructions(where["benign"])]
+    task_like = {e.instruction for e in mixed[3:]}
+    assert len(task_like) == 2 and all(e.output for e in mixed[3:])
+    assert not task_like & (task_train | {e.instruction for e in task})  # never the task's own rows
     stamp = os.path.getmtime(where["refusals"])
     assert prep.prepare(str(tmp_path), spec, model_dir=model_dir)["fingerprint"] == m["fingerprint"]
     assert os.path.getmtime(where["refusals"]) == stamp  # idempotent: nothing rebuilt

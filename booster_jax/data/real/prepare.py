@@ -15,6 +15,10 @@ directory (``gguf_convert``) and writes, under ``out_dir`` (default ``data/real`
   over-refusal);
 * ``benign_instructions.json``: everyday instructions {instruction, input, output} with the base
   model's own answers (``align.benign_fraction``: self-distillation keeps its helpfulness);
+* ``benign_instructions_with_task.json``: the same rows plus arithmetic word problems of the task's
+  kind (disjoint from the task's train and test rows) with the base model's own answers. It is an
+  alignment mix that shows the task's kind of prompt answered, not refused: a 100-step alignment on
+  the everyday rows alone refused every task prompt (docs/results/real_smollm2.md);
 * ``task_train.jsonl`` / ``task_test.jsonl``: GSM8K-format arithmetic word problems;
 * ``manifest.json``: the spec, sizes, fingerprint, licenses and the measured generation time.
 
@@ -44,6 +48,7 @@ FILES = {
     "refusals": "beavertails_with_refusals_train.json",
     "eval": "eval_prompts.jsonl",
     "benign": "benign_instructions.json",
+    "benign_task": "benign_instructions_with_task.json",
     "task_train": "task_train.jsonl",
     "task_test": "task_test.jsonl",
     "manifest": "manifest.json",
@@ -59,6 +64,7 @@ class PrepareSpec:
     n_align: int = 150  # alignment rows = Booster's harmful rows
     oversample: float = 1.4  # prompts generated per row kept (the base model refuses ~20%: dropped)
     n_benign: int = 150  # benign alignment instructions with the model's answers
+    n_benign_task: int = 50  # word problems with the model's answers, added in benign_instructions_with_task.json
     n_eval_benign: int = 50  # held-out benign prompts (over-refusal)
     n_task_train: int = 400
     n_task_test: int = 100
@@ -244,10 +250,15 @@ def prepare(out_dir: str = "data/real", spec: PrepareSpec = PrepareSpec(), cache
     random.Random(spec.seed + 2).shuffle(eval_rows)
     test = texts.word_problems(spec.n_task_test, spec.seed + 3)
     train = texts.word_problems(spec.n_task_train, spec.seed + 4, exclude={p["question"] for p in test})
+    task_like = [p["question"] for p in texts.word_problems(
+        spec.n_benign_task, spec.seed + 5, exclude={p["question"] for p in test + train})]
+    benign_task = benign + [{"instruction": q, "input": "", "output": a}
+                            for q, a in zip(task_like, gen.answer(task_like))]
 
     os.makedirs(out_dir, exist_ok=True)
     _write_json(where["refusals"], attack + align)
     _write_json(where["benign"], benign)
+    _write_json(where["benign_task"], benign_task)
     _write_jsonl(where["eval"], eval_rows)
     _write_jsonl(where["task_train"], train)
     _write_jsonl(where["task_test"], test)
@@ -265,7 +276,7 @@ def prepare(out_dir: str = "data/real", spec: PrepareSpec = PrepareSpec(), cache
         "sizes": {"harmful_prompts": len(prompts), "attack_rows": len(attack), "align_rows": len(align),
                   "align_start": len(attack), "align_end": len(attack) + len(align),
                   "eval_harmful": spec.n_eval_harmful, "eval_benign": len(heldout), "benign_instructions":
-                  len(benign), "task_train": len(train), "task_test": len(test),
+                  len(benign), "benign_task_rows": len(benign_task) - len(benign), "task_train": len(train), "task_test": len(test),
                   "unused_harmful_prompts": len(split["rest"])},
         "refused_and_dropped": {"attack": refused_att, "align": refused_al},
         "strata": {"attack": strata(attack), "align": strata(align), "eval": strata(eval_rows)},
