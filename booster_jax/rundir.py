@@ -34,8 +34,16 @@ LOCK = "run.lock"
 FINGERPRINT = "fingerprint"
 NOTE = "NOTE.txt"
 OURS = {MARKER, LOCK, ".jax_cache"}  # may be present before the marker (the compilation cache)
+# another run starting on the same directory at the same moment leaves these for an instant
+TRANSIENT_PREFIXES = (f"{MARKER}.tmp-", f"{LOCK}.", ".write-test-")
+
 HEARTBEAT_S = 30.0  # the lock file's mtime is refreshed this often while the run lives
 STALE_AFTER_S = 600.0  # a lock from another host with no heartbeat for this long is stale
+
+
+def _foreign(names) -> list[str]:
+    """The entries that are not this project's (its marker, lock, cache and their in-flight temp files)."""
+    return sorted(n for n in set(names) - OURS if not n.startswith(TRANSIENT_PREFIXES))
 
 
 class RunLockedError(BoosterInputError):
@@ -92,7 +100,7 @@ def check_output_dir(out: str) -> str:
         raise BoosterInputError(f"run.output_dir={out}: cannot write there ({e.strerror or e}); choose a "
                                 "writable run.output_dir") from None
     if not os.path.exists(os.path.join(path, MARKER)):
-        found = sorted(set(os.listdir(path)) - OURS)
+        found = _foreign(os.listdir(path))
         legacy = glob.glob(os.path.join(path, "align", "*", FINGERPRINT))  # a run dir made before the marker
         if found and not legacy:
             shown = ", ".join(found[:10]) + (f", ... ({len(found)} entries)" if len(found) > 10 else "")

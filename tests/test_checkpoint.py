@@ -421,6 +421,22 @@ def test_run_lock_refuses_a_live_owner_and_takes_over_stale_ones(tmp_path):
     lock.release()
 
 
+def test_output_dir_check_ignores_another_starting_runs_temp_files(tmp_path):
+    """Two runs started at once on one new directory: the one that looks second may see the first's
+    half-written marker, lock or write probe; that is a run starting, not a user's directory (the race
+    CI hit under load), so the lock decides who refuses, not this check."""
+    out = tmp_path / "racing"
+    out.mkdir()
+    for name in (f"{rundir.MARKER}.tmp-4242", f"{rundir.LOCK}.4242", ".write-test-4242"):
+        (out / name).write_text("in flight\n")
+    assert rundir.check_output_dir(str(out)) == str(out)
+    assert (out / rundir.MARKER).exists()
+    (tmp_path / "user").mkdir()
+    (tmp_path / "user" / "notes.tmp-1").write_text("a user's file\n")  # only our own prefixes are ignored
+    with pytest.raises(BoosterInputError, match="notes.tmp-1"):
+        rundir.check_output_dir(str(tmp_path / "user"))
+
+
 def test_output_dir_must_be_ours_writable_and_a_directory(tmp_path, monkeypatch):
     user = tmp_path / "mine"
     user.mkdir()
