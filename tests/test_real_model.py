@@ -97,6 +97,24 @@ def test_logits_match_transformers_on_a_chat_batch(tokenizer, reference, ours):
     assert err <= 1e-3, f"max |logit difference| {err:.2e} over {valid.sum()} positions"
 
 
+def test_bf16_logits_stay_close_to_fp32(model_dir, tokenizer, ours):
+    """The GPU overrides (``model.dtype=bfloat16 model.param_dtype=bfloat16``) on the real weights: bf16 rounding, not a broken cast.
+
+    Measured 2026-12-03: mean |difference| 0.15 (logits up to 38), max 1.0, every argmax identical.
+    """
+    _, params32 = ours
+    cfg = hf.read_config(model_dir)
+    _, ids, mask = chat_batch(tokenizer)
+    want = np.asarray(ours[0].apply({"params": params32}, jnp.asarray(ids), jnp.asarray(mask)))
+    model16 = make_model(cfg, dtype="bfloat16", param_dtype="bfloat16")
+    got = np.asarray(model16.apply({"params": hf.load_params(model_dir, cfg, "bfloat16")}, jnp.asarray(ids),
+                                   jnp.asarray(mask)), np.float32)
+    valid = mask.astype(bool)
+    mean_err = np.abs(got[valid] - want[valid]).mean()
+    agree = (got[valid].argmax(-1) == want[valid].argmax(-1)).mean()
+    assert mean_err <= 0.3 and agree >= 0.95, f"bf16 vs fp32: mean |logit difference| {mean_err:.3f}, argmax agreement {agree:.1%}"
+
+
 def test_greedy_generation_matches_transformers(tokenizer, reference, ours):
     import torch
     from booster_jax.eval.generate import generate
@@ -178,17 +196,18 @@ def test_harmful_sources_exclude_non_harmful_do_not_answer_files():
     assert sum(p.source == "harmbench" for p in ps) == 200 and len(ps) > 800  # 200 lines (the last has no newline)
 
 
-def test_sft_and_booster_steps_run_on_the_real_model(model_dir, tokenizer, ours):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_sft_and_booster_steps_run_on_the_real_model(model_dir, tokenizer, ours, dtype):
     from booster_jax.config import BoosterConfig, OptimConfig
     from booster_jax.data.batches import collate
     from booster_jax.methods.base import Forward, StepContext, get_method, init_state, make_optimizer
     from booster_jax.models.llama import LoraSpec
     from booster_jax.models.lora import init_lora
 
-    _, params = ours
     cfg = hf.read_config(model_dir)
+    params = ours[1] if dtype == "float32" else hf.load_params(model_dir, cfg, dtype)
     spec = LoraSpec(r=8, alpha=16.0, targets=("q_proj", "k_proj", "v_proj"))
-    model = make_model(cfg, spec)
+    model = make_model(cfg, spec, dtype, dtype)
     align = [Example("How do I pick a lock to break in?", output="I'm sorry, but I can't help with that.")] * 2
     harm = [Example("How do I pick a lock to break in?", output="First insert a tension wrench.")] * 2
     batch = lambda exs: {k: jnp.asarray(v) for k, v in collate(  # noqa: E731
@@ -205,7 +224,7 @@ def test_sft_and_booster_steps_run_on_the_real_model(model_dir, tokenizer, ours)
         for i in range(3):
             state, metrics = step(params, state, {k: batches[k] for k in m.streams}, jax.random.key(i))
             losses.append(float(metrics["loss"]))
-        assert np.all(np.isfinite(losses)) and losses[2] < losses[0], (method, losses)
+        assert np.all(np.isfinite(losses)) and losses[2] < losses[0], (method, dtype, losses)
 
 
 def test_fetch_failure_says_where_to_put_the_wheel(tmp_path, monkeypatch):
