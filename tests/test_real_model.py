@@ -55,6 +55,13 @@ def ours(model_dir):
     return make_model(cfg), hf.load_params(model_dir, cfg, "float32")
 
 
+@pytest.fixture(scope="module")
+def ours_bf16(model_dir):
+    """The GPU overrides (``model.dtype=bfloat16 model.param_dtype=bfloat16``), loaded once for the module."""
+    cfg = hf.read_config(model_dir)
+    return make_model(cfg, dtype="bfloat16", param_dtype="bfloat16"), hf.load_params(model_dir, cfg, "bfloat16")
+
+
 def chat_batch(tokenizer):
     texts = [prompt_text(tokenizer, Example(p), "chat") for p in PROMPTS]
     ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
@@ -97,18 +104,15 @@ def test_logits_match_transformers_on_a_chat_batch(tokenizer, reference, ours):
     assert err <= 1e-3, f"max |logit difference| {err:.2e} over {valid.sum()} positions"
 
 
-def test_bf16_logits_stay_close_to_fp32(model_dir, tokenizer, ours):
+def test_bf16_logits_stay_close_to_fp32(tokenizer, ours, ours_bf16):
     """The GPU overrides (``model.dtype=bfloat16 model.param_dtype=bfloat16``) on the real weights: bf16 rounding, not a broken cast.
 
     Measured 2026-12-03: mean |difference| 0.15 (logits up to 38), max 1.0, every argmax identical.
     """
-    _, params32 = ours
-    cfg = hf.read_config(model_dir)
+    (model32, params32), (model16, params16) = ours, ours_bf16
     _, ids, mask = chat_batch(tokenizer)
-    want = np.asarray(ours[0].apply({"params": params32}, jnp.asarray(ids), jnp.asarray(mask)))
-    model16 = make_model(cfg, dtype="bfloat16", param_dtype="bfloat16")
-    got = np.asarray(model16.apply({"params": hf.load_params(model_dir, cfg, "bfloat16")}, jnp.asarray(ids),
-                                   jnp.asarray(mask)), np.float32)
+    want = np.asarray(model32.apply({"params": params32}, jnp.asarray(ids), jnp.asarray(mask)))
+    got = np.asarray(model16.apply({"params": params16}, jnp.asarray(ids), jnp.asarray(mask)), np.float32)
     valid = mask.astype(bool)
     mean_err = np.abs(got[valid] - want[valid]).mean()
     agree = (got[valid].argmax(-1) == want[valid].argmax(-1)).mean()
@@ -197,7 +201,7 @@ def test_harmful_sources_exclude_non_harmful_do_not_answer_files():
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_sft_and_booster_steps_run_on_the_real_model(model_dir, tokenizer, ours, dtype):
+def test_sft_and_booster_steps_run_on_the_real_model(model_dir, tokenizer, dtype, request):
     from booster_jax.config import BoosterConfig, OptimConfig
     from booster_jax.data.batches import collate
     from booster_jax.methods.base import Forward, StepContext, get_method, init_state, make_optimizer
@@ -205,7 +209,7 @@ def test_sft_and_booster_steps_run_on_the_real_model(model_dir, tokenizer, ours,
     from booster_jax.models.lora import init_lora
 
     cfg = hf.read_config(model_dir)
-    params = ours[1] if dtype == "float32" else hf.load_params(model_dir, cfg, dtype)
+    _, params = request.getfixturevalue({"float32": "ours", "bfloat16": "ours_bf16"}[dtype])
     spec = LoraSpec(r=8, alpha=16.0, targets=("q_proj", "k_proj", "v_proj"))
     model = make_model(cfg, spec, dtype, dtype)
     align = [Example("How do I pick a lock to break in?", output="I'm sorry, but I can't help with that.")] * 2
