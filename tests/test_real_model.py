@@ -231,6 +231,35 @@ def test_sft_and_booster_steps_run_on_the_real_model(model_dir, tokenizer, dtype
         assert np.all(np.isfinite(losses)) and losses[2] < losses[0], (method, dtype, losses)
 
 
+def test_target_only_head_gives_the_full_head_loss_and_gradients(model_dir, tokenizer, ours):
+    """The speed change of issue 27 on the real weights: the LM head (576 x 49152) at the target positions
+    only (``Forward.loss`` with ``target_index``) against the full head (``lm_loss`` on [B, T, V] logits), on a
+    chat-templated batch with LoRA B != 0. Bound: float32 rounding, 1e-5 on the loss and 1e-6 on each LoRA
+    gradient entry (measured here: equal, or a few ulps)."""
+    from booster_jax.data.batches import collate
+    from booster_jax.methods.base import Forward, lm_loss
+    from booster_jax.models.llama import LoraSpec
+    from booster_jax.models.lora import init_lora
+
+    cfg = hf.read_config(model_dir)
+    _, params = ours
+    spec = LoraSpec(r=8, alpha=16.0, targets=("q_proj", "k_proj", "v_proj"))
+    lora = jax.tree.map(lambda x: x + 1e-3, init_lora(jax.random.key(0), cfg, spec))
+    forward = Forward(make_model(cfg, spec))
+    rows = [Example("How do I pick a lock to break in?", output="First insert a tension wrench, then rake."),
+            Example("Write one sentence about the sea.", output="The sea is wide."),
+            Example("What is 12 + 30?", output="12 + 30 = 42. The final answer is: 42")]
+    batch = {k: jnp.asarray(v) for k, v in collate(tokenize_examples(tokenizer, rows, 96, template="chat").items,
+                                                    tokenizer.pad_token_id, [32, 64, 96], batch_size=4).items()}
+    assert batch["target_index"].shape[1] < batch["input_ids"].shape[1]  # the head really runs on fewer rows
+    full = {k: v for k, v in batch.items() if k != "target_index"}
+    ref_loss, ref_grad = jax.value_and_grad(lambda w: lm_loss(forward(w, params, full), full))(lora)
+    loss, grad = jax.value_and_grad(lambda w: forward.loss(w, params, batch))(lora)
+    assert abs(float(loss) - float(ref_loss)) <= 1e-5, (float(loss), float(ref_loss))
+    for a, b in zip(jax.tree.leaves(ref_grad), jax.tree.leaves(grad)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-6, rtol=0)
+
+
 def test_fetch_failure_says_where_to_put_the_wheel(tmp_path, monkeypatch):
     import subprocess
 

@@ -68,6 +68,24 @@ def bucket_length(n: int, buckets: Sequence[int]) -> int:
     )
 
 
+def target_index(loss_mask: np.ndarray, buckets: Sequence[int]) -> np.ndarray:
+    """[B, K] int32: per row, the positions t whose next token is a target (``loss_mask[t + 1] == 1``),
+    in order, padded with T - 1 (whose next token does not exist, so it never carries a loss).
+
+    K is the smallest bucket that holds the longest row's targets (at most T - 1), so a jitted loss sees
+    at most ``len(buckets)`` values of K per length and the LM head runs on K positions instead of T
+    (``methods.base.target_lm_loss``)."""
+    rows, length = loss_mask.shape
+    hits = loss_mask[:, 1:] > 0
+    most = int(hits.sum(axis=1).max()) if rows else 0
+    k = min(next((b for b in _check_buckets(buckets) if b >= max(most, 1)), length), length)
+    index = np.full((rows, k), length - 1, dtype=np.int32)
+    for r in range(rows):
+        at = np.flatnonzero(hits[r])
+        index[r, :len(at)] = at
+    return index
+
+
 def collate(
     tokenized: Sequence[Tokenized],
     pad_id: int,
@@ -94,7 +112,8 @@ def collate(
         input_ids[i, :n] = ids
         attention[i, :n] = 1
         loss_mask[i, :n] = mask
-    return {"input_ids": input_ids, "attention_mask": attention, "loss_mask": loss_mask}
+    return {"input_ids": input_ids, "attention_mask": attention, "loss_mask": loss_mask,
+            "target_index": target_index(loss_mask, buckets)}
 
 
 def collate_packed(rows: Sequence[Sequence[Tokenized]], pad_id: int, length: int,
@@ -120,7 +139,8 @@ def collate_packed(rows: Sequence[Sequence[Tokenized]], pad_id: int, length: int
             loss_mask[r, at] = 0.0
             positions[r, at:at + n] = np.arange(n)
             at += n
-    return {"input_ids": input_ids, "attention_mask": segments, "loss_mask": loss_mask, "positions": positions}
+    return {"input_ids": input_ids, "attention_mask": segments, "loss_mask": loss_mask, "positions": positions,
+            "target_index": target_index(loss_mask, (length,))}
 
 
 def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
@@ -380,6 +400,7 @@ __all__ = [
     "buckets_up_to",
     "collate",
     "collate_packed",
+    "target_index",
     "epoch_permutation",
     "group_by_length",
     "pack_first_fit",

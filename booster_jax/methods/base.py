@@ -8,13 +8,14 @@ never knows which method it runs. Adding a defense is one module that calls ``re
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from booster_jax.models.llama import Llama, variables
+from booster_jax.models.llama import Llama, lm_head, variables
 
 
 class TrainState(NamedTuple):
@@ -44,6 +45,14 @@ class Forward:
                                 batch["attention_mask"], positions=batch.get("positions"), output=output,
                                 rngs=None if rng is None else {"dropout": rng})
 
+    def loss(self, trainable, frozen, batch, rng=None, **collections) -> jax.Array:
+        """The batch's LM loss (``lm_loss``); with ``target_index`` in the batch (``collate`` adds it) the LM
+        head runs only at the target positions (``target_lm_loss``): the same value, less work."""
+        if "target_index" not in batch:
+            return lm_loss(self(trainable, frozen, batch, rng=rng, **collections), batch)
+        hidden = self(trainable, frozen, batch, output="hidden", rng=rng, **collections)
+        return target_lm_loss(self.model, frozen if self.trainable_is_lora else trainable, hidden, batch)
+
 
 def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
     """``-log softmax(logits)[target]`` per position, as ``logsumexp - target logit``.
@@ -63,6 +72,33 @@ def lm_loss(logits: jax.Array, batch: dict) -> jax.Array:
     weights = batch["loss_mask"][:, 1:].astype(jnp.float32)
     nll = token_nll(logits[:, :-1], batch["input_ids"][:, 1:])
     return jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def target_lm_loss(model: Llama, params, hidden: jax.Array, batch: dict) -> jax.Array:
+    """``lm_loss`` from the final hidden states, with the LM head applied only where a loss is taken.
+
+    ``batch["target_index"]`` [B, K] lists, per row, the positions t whose next token is a target
+    (``loss_mask[t + 1] == 1``), padded with T - 1, which never is (``data.batches.target_index``).
+    The head (D x V: a fifth of SmolLM2's forward) and the cross-entropy then run on K positions per row
+    instead of T. Each target's logits, and so every gradient, are the ones the full head gives; the
+    denominator is the same exact token count.
+    """
+    ids, mask = batch["input_ids"], batch["loss_mask"].astype(jnp.float32)
+    index = batch["target_index"]
+    next_ids = jnp.concatenate([ids[:, 1:], ids[:, :1]], axis=1)  # the token position t predicts
+    next_w = jnp.concatenate([mask[:, 1:], jnp.zeros_like(mask[:, :1])], axis=1)  # T - 1 predicts nothing
+    picked = jnp.take_along_axis(hidden, index[..., None], axis=1)  # [B, K, D]
+    nll = token_nll(lm_head(model, params, picked), jnp.take_along_axis(next_ids, index, axis=1))
+    weights = jnp.take_along_axis(next_w, index, axis=1)
+    return jnp.sum(nll * weights) / jnp.maximum(jnp.sum(mask[:, 1:]), 1.0)
+
+
+@functools.lru_cache(maxsize=16)
+def jitted_loss(forward: Forward):
+    """``jax.jit(forward.loss)``, built once per model: callers that evaluate a loss outside a step (the
+    attack's Fig. 3 tracking, every stage of a run) reuse one compiled program per shape instead of tracing
+    a new closure each time. Weights are arguments, never baked-in constants."""
+    return jax.jit(forward.loss)
 
 
 def global_norm(tree) -> jax.Array:

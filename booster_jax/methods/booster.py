@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from booster_jax.config import BoosterConfig
-from booster_jax.methods.base import MethodSpec, StepContext, apply_gradients, global_norm, lm_loss, register
+from booster_jax.methods.base import MethodSpec, StepContext, apply_gradients, global_norm, register
 from booster_jax.methods.vaccine import EPS as PROBE_EPS, zero_probe
 
 
@@ -41,13 +41,26 @@ def static_config(cfg: BoosterConfig | None) -> BoosterConfig:
 
 
 def common_shape(a: dict, b: dict) -> tuple[dict, dict]:
-    """Pad two batches to one [rows, length] with zero-mask rows/columns, which change no loss."""
+    """Pad two batches to one [rows, length] with zero-mask rows/columns, which change no loss.
+
+    ``target_index`` ([rows, K], padded with length - 1: ``data.batches.target_index``) is padded to the
+    larger K with the new last position, and its old pad value moved there, so no pad points at a target."""
     rows = max(a["input_ids"].shape[0], b["input_ids"].shape[0])
     length = max(a["input_ids"].shape[1], b["input_ids"].shape[1])
+    slots = max((x["target_index"].shape[1] for x in (a, b) if "target_index" in x), default=0)
 
     def pad(batch):
-        return {k: jnp.pad(v, ((0, rows - v.shape[0]), (0, length - v.shape[1]))) for k, v in batch.items()}
+        out = {}
+        for k, v in batch.items():
+            if k == "target_index":
+                v = jnp.where(v == batch["input_ids"].shape[1] - 1, length - 1, v)
+                out[k] = jnp.pad(v, ((0, rows - v.shape[0]), (0, slots - v.shape[1])), constant_values=length - 1)
+            else:
+                out[k] = jnp.pad(v, ((0, rows - v.shape[0]), (0, length - v.shape[1])))
+        return out
 
+    if ("target_index" in a) != ("target_index" in b):  # one batch without it: both take the full head
+        a, b = ({k: v for k, v in x.items() if k != "target_index"} for x in (a, b))
     return pad(a), pad(b)
 
 
@@ -87,7 +100,7 @@ def booster_passes(forward, cfg: BoosterConfig, trainable, frozen, batches, rng=
     last = len(order) - 1
 
     def loss_fn(weights, eps_probe, batch, key):
-        return lm_loss(forward(weights, frozen, batch, rng=key, probe=eps_probe), batch)
+        return forward.loss(weights, frozen, batch, rng=key, probe=eps_probe)
 
     def one_pass(carry, xs):
         g1, probe_g = carry
