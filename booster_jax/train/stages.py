@@ -523,13 +523,12 @@ def harmful_loss_hook(cfg: Config, base: Base, forward: Forward, frozen, mix, to
     """Every ``track_every`` steps: the LM loss on the attack's harmful samples and, if asked, the HS on
     the first ``track_hs_prompts`` unseen harmful prompts (the paper's Fig. 3)."""
     from booster_jax.data.batches import collate
-    from booster_jax.methods.base import lm_loss
+    from booster_jax.methods.base import jitted_loss
 
     items = [it for it, harmful in zip(tok.items, mix.is_harmful) if harmful][:64]
     batch = {k: jnp.asarray(v) for k, v in collate(items, base.tokenizer.pad_token_id,
                                                     cfg.data.bucket_lengths).items()}
-    loss_fn = jax.jit(lambda lora, params, b: lm_loss(forward(lora, params, b), b))  # weights as arguments,
-                                                                                   # not baked-in constants
+    loss_fn = jitted_loss(forward)
     hs_fn = harmful_score_probe(cfg, base, forward, frozen) if cfg.finetune.track_hs_prompts else None
 
     def hook(state):
