@@ -13,6 +13,8 @@ directory (``gguf_convert``) and writes, under ``out_dir`` (default ``data/real`
 * ``eval_prompts.jsonl``: BeaverTails-30k_test-style rows {prompt, response, is_safe, category}:
   the held-out harmful prompts (is_safe false) and held-out benign prompts (is_safe true, for
   over-refusal);
+* ``eval_prompts_all.jsonl``: the same rows, then every other harmful prompt no split used (about 590
+  held-out harmful prompts in all, for studies that need a small standard error per cell);
 * ``benign_instructions.json``: everyday instructions {instruction, input, output} with the base
   model's own answers (``align.benign_fraction``: self-distillation keeps its helpfulness);
 * ``benign_instructions_with_task.json``: the same rows plus arithmetic word problems of the task's
@@ -47,6 +49,7 @@ MODEL_SUBDIR = "smollm2-135m-instruct"
 FILES = {
     "refusals": "beavertails_with_refusals_train.json",
     "eval": "eval_prompts.jsonl",
+    "eval_all": "eval_prompts_all.jsonl",
     "benign": "benign_instructions.json",
     "benign_task": "benign_instructions_with_task.json",
     "task_train": "task_train.jsonl",
@@ -222,15 +225,18 @@ def prepare(out_dir: str = "data/real", spec: PrepareSpec = PrepareSpec(), cache
     model_dir = model_dir or ensure_model(out_dir, cache)
     fp = fingerprint(spec, model_dir, data_wheel)
     where = paths(out_dir)
-    if os.path.exists(where["manifest"]):
-        old = json.load(open(where["manifest"]))
-        if old.get("fingerprint") == fp and all(os.path.exists(p) for p in where.values()):
-            log.info("prepare-real: %s is up to date (fingerprint %s)", out_dir, fp)
-            return old
     prompts = sources.harmful_prompts(data_wheel)
     n_att = math.ceil(spec.n_attack * spec.oversample)
     n_al = math.ceil(spec.n_align * spec.oversample)
     split = stratified_split(prompts, {"eval": spec.n_eval_harmful, "attack": n_att, "align": n_al}, spec.seed)
+    if os.path.exists(where["manifest"]):
+        old = json.load(open(where["manifest"]))
+        if old.get("fingerprint") == fp and all(os.path.exists(p) for k, p in where.items() if k != "eval_all"):
+            if not os.path.exists(where["eval_all"]):  # added later: built from the split, no generation
+                _write_jsonl(where["eval_all"], all_heldout_rows(where["eval"], split["rest"], spec.seed))
+                log.info("prepare-real: wrote %s (every held-out harmful prompt)", where["eval_all"])
+            log.info("prepare-real: %s is up to date (fingerprint %s)", out_dir, fp)
+            return old
     rng = random.Random(spec.seed)
     gen = Generator(model_dir, spec)
     log.info("prepare-real: generating the base model's answers to %d harmful and %d benign prompts "
@@ -260,6 +266,7 @@ def prepare(out_dir: str = "data/real", spec: PrepareSpec = PrepareSpec(), cache
     _write_json(where["benign"], benign)
     _write_json(where["benign_task"], benign_task)
     _write_jsonl(where["eval"], eval_rows)
+    _write_jsonl(where["eval_all"], all_heldout_rows(where["eval"], split["rest"], spec.seed))
     _write_jsonl(where["task_train"], train)
     _write_jsonl(where["task_test"], test)
 
@@ -286,6 +293,19 @@ def prepare(out_dir: str = "data/real", spec: PrepareSpec = PrepareSpec(), cache
     _write_json(where["manifest"], manifest)  # last: its presence means the files are complete
     log.info("prepare-real: wrote %s (generation %.0f s)", out_dir, gen.seconds)
     return manifest
+
+
+def all_heldout_rows(eval_path: str, rest: list, seed: int) -> list[dict]:
+    """``eval_prompts.jsonl``'s rows in its order, then every harmful prompt no split used (shuffled): all
+    ~590 held-out harmful prompts, so one cell's HS has a standard error near 2 points instead of 5. The
+    first ``n_eval_harmful`` unsafe rows are the 100-prompt file's, so ``data.n_eval_harmful: 100`` on this
+    file evaluates exactly what the fast default does. The prompts the base model refused while the
+    attack and alignment rows were generated are not held out: they were selected by the model itself."""
+    rows = [json.loads(line) for line in open(eval_path) if line.strip()]
+    extra = [{"prompt": p.text, "response": "", "is_safe": False, "category": p.category, "source": p.source}
+             for p in rest]
+    random.Random(seed + 6).shuffle(extra)
+    return rows + extra
 
 
 def _write_json(path: str, obj) -> None:
