@@ -1,5 +1,5 @@
-"""Paired statistics (B - A over seeds): the pure functions on inputs with answers known by hand, then on
-hand-made run directories (summaries.json + eval/*/samples.jsonl)."""
+"""Paired statistics (B - A over seeds): the pure functions on inputs with answers known by hand, then the
+studies CLI and the report on hand-made run directories (summaries.json + eval/*/samples.jsonl)."""
 
 import json
 import math
@@ -11,6 +11,7 @@ from booster_jax.errors import BoosterInputError
 from booster_jax.eval import paired
 from booster_jax.eval.paired import (hierarchical_bootstrap_ci, paired_differences, seed_bootstrap_ci, sign_test_p,
                                      verdict)
+from booster_jax.eval.studies import main
 
 
 # ---------------------------------------------------------------- pure statistics
@@ -148,6 +149,30 @@ def test_compare_known_answers(tmp_path):
     assert "seed 8 has only sft at p = 0.1: skipped" in hs.notes
     # FA: 3 of 4 task rows right for both: every seed a tie, a degenerate interval, no verdict for FA
     assert fa.diffs == [0.0] * 8 and fa.sign == (0, 0, 8, 1.0) and fa.ci_prompts == (0.0, 0.0) and fa.verdict is None
+
+
+def test_cli_paired_prints_the_table_intervals_and_verdict(tmp_path, capsys):
+    dirs = _study(tmp_path)
+    main([str(d) for d in dirs] + ["--paired", "sft", "booster"])
+    out = capsys.readouterr().out
+    assert "Paired: **booster - sft**" in out and "10000 resamples, numpy default_rng seed 0" in out
+    assert "| 0.1 | 7 | 60.0 | 80.0 | +20.0 | 75.0 | 75.0 | +0.0 |" in out
+    assert "| 0.1 | 0 | 60.0 | 20.0 | -40.0 | 75.0 | 75.0 | +0.0 |" in out and "| p | seed | HS sft | HS booster | HS B - A | FA sft |" in out
+    row = next(l for l in out.splitlines() if l.startswith("| 0.1 | post-attack HS | 8 |"))
+    assert "| -32.50 |" in row and "| [-40.00, -17.50] |" in row and "1 / 7 / 0, p = 0.07031" in row
+    assert row.endswith("| protects |")
+    assert "- seed 8 has only sft at p = 0.1: skipped" in out
+    main([str(d) for d in dirs] + ["--paired", "sft", "booster", "--resamples", "200", "--bootstrap-seed", "3"])
+    assert "200 resamples, numpy default_rng seed 3" in capsys.readouterr().out
+
+
+def test_cli_falls_back_to_the_seed_bootstrap_without_samples(tmp_path, capsys):
+    dirs = _study(tmp_path, with_samples=False)
+    main([str(d / "summaries.json") for d in dirs] + ["--paired", "sft", "booster"])
+    out = capsys.readouterr().out
+    row = next(l for l in out.splitlines() if l.startswith("| 0.1 | post-attack HS | 8 |"))
+    assert "n/a (no per-prompt verdicts)" in row and "[-40.00, -17.50]" in row and row.endswith("| protects |")
+    assert "the interval is the seed-level bootstrap only" in out
 
 
 def test_samples_of_another_run_or_other_prompts_are_refused(tmp_path):
