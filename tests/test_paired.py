@@ -199,3 +199,21 @@ def test_every_ratio_is_compared(tmp_path):
     runs = [_summary(m, s, f, p=p) for p in (0.0, 0.1) for s in (0, 1) for m, f in (("sft", 4), ("booster", 3))]
     cells = paired.compare(runs, "sft", "booster", metrics=("hs",))
     assert [(c.ratio, c.diffs) for c in cells] == [(0.0, [-10.0, -10.0]), (0.1, [-10.0, -10.0])]
+
+
+def test_report_has_the_paired_section_and_plot(tmp_path):
+    from booster_jax.eval.report import write_report
+    from booster_jax.eval.studies import load_runs
+
+    run_dir = _study(tmp_path)[0]             # seeds 0-3, every one -40
+    _, runs = load_runs([str(run_dir)])
+    text = write_report(runs, run_dir).read_text()
+    assert "### Paired: booster - sft" in text
+    row = next(l for l in text.splitlines() if l.startswith("| 0.1 | post-attack HS | 4 |"))
+    assert "| -40.00 |" in row and "| [-40.00, -40.00] |" in row and "0 / 4 / 0, p = 0.125" in row
+    png = run_dir / "paired_sft_booster.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "](paired_sft_booster.png)" in text
+    # one seed per variant: no default paired section
+    one = [r for r in runs if r["seed"] == 0]
+    assert "Paired" not in write_report(one, tmp_path / "one").read_text()
+    assert "### Paired: booster - sft" in write_report(one, tmp_path / "one", paired=[("sft", "booster")]).read_text()
