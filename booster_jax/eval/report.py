@@ -17,6 +17,10 @@ mean over the ratio columns (as the paper's HS avg averages clean, 0.05 ...
 0.2). With several seeds a cell is mean ± sample std (ddof=1) over seeds; the
 avg's std is over per-seed averages (seeds that have every ratio). Runs with
 different judges or tasks get separate tables: their numbers don't compare.
+
+Paired section: each variant against ``sft`` (or the pairs asked for), seed by seed, with the per-seed
+differences, the bootstrap intervals, the sign test and a plot with one line per seed from A to B
+(``booster_jax.eval.paired``; per-prompt verdicts from the run directory's ``eval/*/samples.jsonl``).
 """
 
 from __future__ import annotations
@@ -342,8 +346,67 @@ def summary_warnings(summaries) -> list[str]:
     return seen
 
 
-def write_report(summaries, out_dir) -> Path:
-    """Write ``report.md`` and PNG figures into ``out_dir``; return the Markdown path."""
+def _plot_paired(cells, a: str, b: str, path: Path, title: str) -> None:
+    """One panel per harmful ratio: a line per seed from its A score to its B score, and the mean in black;
+    the panel's title holds the mean difference and the primary interval."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(1.6 + 3.4 * len(cells), 4.2))
+    axes = fig.subplots(1, len(cells), squeeze=False)[0]
+    for ax, c in zip(axes, cells):
+        for s, x, y in zip(c.seeds, c.a, c.b):
+            ax.plot([0, 1], [x, y], marker="o", alpha=0.7, label=f"seed {s}")
+        ax.plot([0, 1], [sum(c.a) / len(c.a), sum(c.b) / len(c.b)], color="black", lw=3, marker="s", label="mean")
+        lo, hi = c.primary
+        ax.set_title(f"p = {c.ratio:g}: B - A {c.mean:+.1f}\n95% CI [{lo:+.1f}, {hi:+.1f}] "
+                     f"({'seeds, prompts' if c.ci_prompts else 'seeds only'})", fontsize=9)
+        ax.set_xticks([0, 1], [a, b])
+        ax.set_xlim(-0.25, 1.25)
+        ax.set_ylabel("Post-attack harmful score (%)")
+        ax.grid(alpha=0.3)
+        _percent_axis(ax)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0, 1 - 1.3 / fig.get_figwidth(), 1))
+    fig.legend(handles, labels, loc="center right", fontsize=8)
+    fig.savefig(path, dpi=110, format="png")
+
+
+def default_pairs(methods: list[str], reference: str = "sft") -> list[tuple[str, str]]:
+    """The study's comparison: every variant against the SFT reference, when the grid has one."""
+    return [(reference, m) for m in methods if m != reference] if reference in methods else []
+
+
+def _paired_md(runs: list[_Run], pairs, run_dirs, out: Path, suffix: str, label: str, min_seeds: int) -> list[str]:
+    """The paired section (table, intervals, sign test, plot) for each (A, B) with ``min_seeds`` seeds that
+    have both at some ratio."""
+    from booster_jax.eval import paired
+
+    rows = [{"method": r.method, "seed": r.seed, "harmful_ratio": r.ratio, "hs_after": r.hs_after, "fa": r.fa}
+            for r in runs]
+    methods = _methods(runs)
+    md = []
+    for a, b in pairs:
+        if a not in methods or b not in methods:
+            continue
+        cells = paired.compare(rows, a, b, run_dirs)
+        if not cells or max(len(c.seeds) for c in cells) < min_seeds:
+            continue
+        md += [f"### Paired: {b} - {a} ({label})", "", paired.format_paired(cells, a, b), ""]
+        hs = [c for c in cells if c.metric == "hs"]
+        if hs:
+            path = out / f"paired_{_slug(a)}_{_slug(b)}{suffix}.png"
+            _plot_paired(hs, a, b, path, f"Paired by seed: {a} -> {b} ({label})")
+            md += [f"![paired {a} -> {b}]({path.name})", ""]
+    return md
+
+
+def write_report(summaries, out_dir, paired=None, run_dirs=None) -> Path:
+    """Write ``report.md`` and PNG figures into ``out_dir``; return the Markdown path.
+
+    ``paired``: (A, B) variant pairs to compare seed by seed (default: every variant against ``sft``, where
+    they share two seeds or more: a single-seed grid gets no paired section); the per-prompt verdicts are
+    looked up under ``run_dirs`` (default: ``out_dir``, the run directory)."""
     runs = _parse(summaries)
     stats = method_stats(summaries)
     out = Path(out_dir)
@@ -378,6 +441,9 @@ def write_report(summaries, out_dir) -> Path:
                 f"![attack curves p={ratio:g}]({cpath.name})",
                 "",
             ]
+        pairs = default_pairs(list(group["methods"])) if paired is None else paired
+        md += _paired_md(groups[gkey], pairs, [str(out)] if run_dirs is None else run_dirs, out, suffix, label,
+                         min_seeds=2 if paired is None else 1)
     path = out / "report.md"
     files.write_text_atomic(str(path), "\n".join(md))
     return path

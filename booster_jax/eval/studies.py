@@ -2,6 +2,8 @@
 
     python -m booster_jax.eval.studies runs/sensitivity [--select]
     python -m booster_jax.eval.studies runs/real/smollm2 runs/real/smollm2_s1   # seeds run in two directories
+    python -m booster_jax.eval.studies runs/real/smollm2 runs/real/smollm2_s1 --paired sft booster_paper
+        # B - A per seed and ratio, hierarchical bootstrap interval, sign test (booster_jax/eval/paired.py)
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import os
 import re
 from collections import defaultdict
 from statistics import mean, stdev
+
+from booster_jax.eval import paired
 
 
 def per_variant(runs: list[dict], ratio: float | None = None) -> dict[str, dict]:
@@ -121,7 +125,15 @@ def main(argv=None) -> int:
     ap.add_argument("--select", action="store_true", help="apply the protocol's recipe selection rule")
     ap.add_argument("--max-hs-before", type=float, default=5.0,
                     help="the rule's validity bound on pre-attack HS (5 on the embedded benchmark, 10 on the real setting)")
+    ap.add_argument("--paired", nargs=2, metavar=("A", "B"),
+                    help="paired comparison B - A over seeds (per-prompt verdicts read from RUN_DIR/eval/)")
+    ap.add_argument("--resamples", type=int, default=paired.N_RESAMPLES,
+                    help=f"bootstrap resamples for --paired (default {paired.N_RESAMPLES})")
+    ap.add_argument("--bootstrap-seed", type=int, default=paired.RNG_SEED,
+                    help=f"numpy RNG seed of the --paired bootstrap (default {paired.RNG_SEED})")
     ns = ap.parse_args(argv)
+    if ns.resamples < 1:
+        ap.error("--resamples must be at least 1")
     base, runs = load_runs(ns.run_dirs)
     if base:
         print(f"base model: HS {base['hs']:.1f}, FA {base['fa']:.1f}, benign refused {base.get('refused_benign', 'n/a')}\n")
@@ -139,6 +151,10 @@ def main(argv=None) -> int:
         print("\nselection rule (docs/benchmark_protocol.md):")
         print("\n".join("  " + n for n in notes))
         print(f"\nchosen: {chosen or 'none qualifies -> the paper recipe (lam 5, alpha 0.1, from scratch)'}")
+    if ns.paired:
+        a, b = ns.paired
+        cells = paired.compare(runs, a, b, ns.run_dirs, n_resamples=ns.resamples, rng_seed=ns.bootstrap_seed)
+        print("\n" + paired.format_paired(cells, a, b, n_resamples=ns.resamples, rng_seed=ns.bootstrap_seed))
     return 0
 
 
