@@ -153,6 +153,11 @@ def parse(argv, description):
     p.add_argument("--skip-torch", action="store_true")
     p.add_argument("--compile-only", action="store_true", help="only compile our two steps and print the times")
     p.add_argument("--eager-row", action="store_true", help="extra row: PyTorch with eager attention")
+    p.add_argument("--response-share", type=float, default=None,
+                   help="each row's answer (the loss targets) is this share of its tokens (the real setting: ~0.4); "
+                        "default: prompts of 1..n/2 tokens, as before")
+    p.add_argument("--full-head-row", action="store_true",
+                   help="extra row: our step with the LM head at every position (before issue 27), interleaved")
     return parse_with_threads(p, argv)
 
 
@@ -197,11 +202,18 @@ def make_batches(args, n):
 
     rng = np.random.default_rng(0)
 
+    from booster_jax.data.batches import buckets_up_to, target_index
+
     def one(seed):
         lengths = rng.integers(args.seq // 2, args.seq + 1, args.batch)
         lengths[0] = args.seq
-        prompts = [int(rng.integers(1, n_ // 2 + 1)) for n_ in lengths]
-        return synthetic_batch(args.vocab, lengths, prompts, args.seq, seed=seed)
+        if args.response_share is None:
+            prompts = [int(rng.integers(1, n_ // 2 + 1)) for n_ in lengths]
+        else:
+            prompts = [max(1, int(round(n_ * (1 - args.response_share)))) for n_ in lengths]
+        batch = synthetic_batch(args.vocab, lengths, prompts, args.seq, seed=seed)
+        # as collate builds it: the LM head's positions, K from four buckets up to the length
+        return {**batch, "target_index": target_index(batch["loss_mask"], buckets_up_to(args.seq))}
 
     return [{"align": one(2 * i), "harmful": one(2 * i + 1)} for i in range(n)]
 
@@ -352,24 +364,29 @@ def main(argv=None):
     booster = BoosterConfig(lam=5.0, alpha=0.1)
     compile_s, compile_cpu_s, runners, first_loss = {}, {}, {}, {}
 
-    for method in ("sft", "booster"):
-        optimizer = make_optimizer(optim)
-        step = jax.jit(get_method(method, "align").make_step(StepContext(forward, optimizer, booster)),
-                       donate_argnums=(1,))
-        box = {"state": init_state(jax.tree.map(jnp.copy, lora), optimizer)}  # donated: a copy each
-        t0, c0 = time.perf_counter(), time.process_time()
-        compiled = step.lower(params, box["state"], jdata[0], jax.random.key(0)).compile()
-        compile_s[method], compile_cpu_s[method] = time.perf_counter() - t0, time.process_time() - c0
-        if args.compile_only:
-            continue
+    full_head = [jax.tree.map(lambda b: {k: v for k, v in b.items() if k != "target_index"}, d,
+                              is_leaf=lambda x: isinstance(x, dict) and "input_ids" in x) for d in jdata]
+    variants = [("ours", jdata)] + ([("ours_full", full_head)] if args.full_head_row else [])
+    for impl, batches in variants:
+        for method in ("sft", "booster"):
+            optimizer = make_optimizer(optim)
+            step = jax.jit(get_method(method, "align").make_step(StepContext(forward, optimizer, booster)),
+                           donate_argnums=(1,))
+            box = {"state": init_state(jax.tree.map(jnp.copy, lora), optimizer)}  # donated: a copy each
+            t0, c0 = time.perf_counter(), time.process_time()
+            compiled = step.lower(params, box["state"], batches[0], jax.random.key(0)).compile()
+            if impl == "ours":
+                compile_s[method], compile_cpu_s[method] = time.perf_counter() - t0, time.process_time() - c0
+            if args.compile_only:
+                continue
 
-        def run(i, step=compiled, box=box):
-            box["state"], m = step(params, box["state"], jdata[i], jax.random.key(i))
-            jax.block_until_ready((box["state"], m))
-            return m["loss"]
+            def run(i, step=compiled, box=box, batches=batches):
+                box["state"], m = step(params, box["state"], batches[i], jax.random.key(i))
+                jax.block_until_ready((box["state"], m))
+                return m["loss"]
 
-        first_loss[("ours", method)] = float(run(0))
-        runners[("ours", method)] = run
+            first_loss[(impl, method)] = float(run(0))
+            runners[(impl, method)] = run
 
     if args.compile_only:
         print(shape_line(args, "compile only") + f"; load average {load_start} at the start, {load_avg()} at the end\n")
@@ -424,23 +441,27 @@ def main(argv=None):
     print("| implementation | method | ms / step (median) | Booster / SFT | ours / PyTorch | ours / plain JAX | "
           "min ms | CPU ms (median) | CPU / wall | compile wall / CPU (s) |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    names = {"ours": "booster_jax (jit)", "plain": "plain JAX (jit, unrolled, in this file)",
+    names = {"ours": "booster_jax (jit)", "ours_full": "extra: booster_jax, LM head at every position",
+             "plain": "plain JAX (jit, unrolled, in this file)",
              "torch": f"PyTorch reference (transformers default attention: {attn if not args.skip_torch else '-'})",
              "torch_eager": "extra: PyTorch reference, eager attention"}
-    for impl in ("ours", "plain", "torch", "torch_eager"):
+    for impl in ("ours", "ours_full", "plain", "torch", "torch_eager"):
         for method in ("sft", "booster"):
             if (impl, method) not in res:
                 continue
             ms = res[(impl, method)]
             ratio = f"{ms / res[(impl, 'sft')]:.2f}" if method == "booster" else "-"
-            vs_t = f"{ms / res[('torch', method)]:.2f}" if impl == "ours" and ("torch", method) in res else "-"
-            vs_p = f"{ms / res[('plain', method)]:.2f}" if impl == "ours" else "-"
+            ours = impl in ("ours", "ours_full")
+            vs_t = f"{ms / res[('torch', method)]:.2f}" if ours and ("torch", method) in res else "-"
+            vs_p = f"{ms / res[('plain', method)]:.2f}" if ours else "-"
             first = f"{compile_s[method]:.1f} / {compile_cpu_s[method]:.1f}" if impl == "ours" else "-"
             print(f"| {names[impl]} | {method} | {ms:.1f} | {ratio} | {vs_t} | {vs_p} | "
                   f"{1000 * min(times[(impl, method)]):.1f} | {median_ms(cpu[(impl, method)]):.1f} | "
                   f"{per_wall[(impl, method)]:.2f} | {first} |")
     pairs = [(f"ours/PyTorch {m}", ("ours", m), ("torch", m)) for m in ("sft", "booster")]
     pairs += [(f"ours/plain {m}", ("ours", m), ("plain", m)) for m in ("sft", "booster")]
+    pairs += [(f"ours/full head {m}", ("ours", m), ("ours_full", m)) for m in ("sft", "booster")
+              if ("ours_full", m) in cpu]
     pairs += [(f"Booster/SFT {i}", (i, "booster"), (i, "sft")) for i in ("ours", "plain", "torch")]
     print(f"\nthe same ratios from process CPU time: {cpu_ratios(cpu, pairs)}")
     print("first-step alignment loss (the same computation everywhere): " +
