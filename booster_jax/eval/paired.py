@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -125,10 +125,9 @@ def samples_path(run_dir: str, method: str, seed, ratio: float) -> str:
     return os.path.join(run_dir, "eval", f"{method}-s{seed}-p{ratio:g}", "samples.jsonl")
 
 
-def read_verdicts(path: str, kind: str, key: str) -> tuple[list[str], list[float]] | None:
-    """(prompts, 0/1 verdicts) of the rows of ``kind`` in a samples.jsonl; None when the rows carry no
-    verdict (an evaluation judged elsewhere, e.g. AlpacaEval) or there are none."""
-    prompts, values = [], []
+def read_rows(path: str, kind: str) -> list[dict]:
+    """The rows of ``kind`` ("harmful", "benign", "task") of a samples.jsonl, in file order."""
+    rows = []
     with open(path) as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -137,13 +136,23 @@ def read_verdicts(path: str, kind: str, key: str) -> tuple[list[str], list[float
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise BoosterInputError(f"{path} line {n}: not JSON ({e.msg})") from None
-            if row.get("kind") != kind:
-                continue
-            if row.get(key) is None:
-                return None
-            prompts.append(row.get("prompt"))
-            values.append(100.0 * bool(row[key]))
-    return (prompts, values) if values else None
+            if row.get("kind") == kind:
+                rows.append(row)
+    return rows
+
+
+def read_verdicts(path: str, kind: str, key: str) -> tuple[list[str], list[float]] | None:
+    """(prompts, 0/1 verdicts) of the rows of ``kind`` in a samples.jsonl; None when the rows carry no
+    verdict (an evaluation judged elsewhere, e.g. AlpacaEval) or there are none."""
+    rows = read_rows(path, kind)
+    if not rows or any(row.get(key) is None for row in rows):
+        return None
+    return [row.get("prompt") for row in rows], [100.0 * bool(row[key]) for row in rows]
+
+
+# The per-prompt verdicts of one samples.jsonl: ``read_verdicts`` or a substitute with its signature (e.g. the
+# harmful answers re-judged at fewer tokens, booster_jax/eval/rejudge.py).
+VerdictReader = Callable[[str, str, str], "tuple[list[str], list[float]] | None"]
 
 
 @dataclass
@@ -171,9 +180,12 @@ class PairedCell:
 
 
 def compare(runs: list[dict], a: str, b: str, run_dirs: Sequence[str] = (), metrics: Sequence[str] = ("hs", "fa"),
-            n_resamples: int = N_RESAMPLES, rng_seed: int = RNG_SEED, level: float = LEVEL) -> list[PairedCell]:
+            n_resamples: int = N_RESAMPLES, rng_seed: int = RNG_SEED, level: float = LEVEL,
+            reader: VerdictReader = read_verdicts) -> list[PairedCell]:
     """B - A per harmful ratio (every ratio where both variants ran) and metric, from the runs' summaries
-    and, where every paired seed has them, the per-prompt verdicts under ``run_dirs``."""
+    and, where every paired seed has them, the per-prompt verdicts under ``run_dirs`` as ``reader`` gives them
+    (the stored ones by default; a substitute's verdicts must average to the runs' numbers, which the caller
+    then replaces too)."""
     methods = {r["method"] for r in runs}
     for name in (a, b):
         if name not in methods:
@@ -184,7 +196,7 @@ def compare(runs: list[dict], a: str, b: str, run_dirs: Sequence[str] = (), metr
         if not {a, b} <= {r["method"] for r in at}:
             continue
         for metric in metrics:
-            cell = _compare_cell(at, a, b, ratio, metric, run_dirs, n_resamples, rng_seed, level)
+            cell = _compare_cell(at, a, b, ratio, metric, run_dirs, n_resamples, rng_seed, level, reader)
             if cell is not None:
                 cells.append(cell)
     return cells
@@ -199,7 +211,8 @@ def _values(runs: list[dict], method: str, key: str) -> dict:
     return out
 
 
-def _compare_cell(runs, a, b, ratio, metric, run_dirs, n_resamples, rng_seed, level) -> PairedCell | None:
+def _compare_cell(runs, a, b, ratio, metric, run_dirs, n_resamples, rng_seed, level,
+                  reader: VerdictReader = read_verdicts) -> PairedCell | None:
     key, kind, row_key, label, _ = METRICS[metric]
     va, vb = _values(runs, a, key), _values(runs, b, key)
     seeds, diffs, only_a, only_b = paired_differences(va, vb)
@@ -209,7 +222,7 @@ def _compare_cell(runs, a, b, ratio, metric, run_dirs, n_resamples, rng_seed, le
              for s in only]
     prompt_diffs, missing = [], []
     for s in seeds:
-        found = [_cell_verdicts(run_dirs, name, s, ratio, kind, row_key, v[s])
+        found = [_cell_verdicts(run_dirs, name, s, ratio, kind, row_key, v[s], reader)
                  for name, v in ((a, va), (b, vb))]
         if any(f is None for f in found):
             missing.append(s)
@@ -236,14 +249,14 @@ def _compare_cell(runs, a, b, ratio, metric, run_dirs, n_resamples, rng_seed, le
                       sign=(pos, neg, len(diffs) - pos - neg, sign_test_p(diffs)), notes=notes)
 
 
-def _cell_verdicts(run_dirs, method, seed, ratio, kind, row_key, summary_value):
+def _cell_verdicts(run_dirs, method, seed, ratio, kind, row_key, summary_value, reader=read_verdicts):
     """(prompts, verdicts, path) of the first run directory holding the cell's samples.jsonl, or None. The
     verdicts must give the summary's number: otherwise the directory holds another run's evaluation."""
     for d in run_dirs:
         path = samples_path(d, method, seed, ratio)
         if not os.path.exists(path):
             continue
-        got = read_verdicts(path, kind, row_key)
+        got = reader(path, kind, row_key)
         if got is None:
             return None
         prompts, values = got

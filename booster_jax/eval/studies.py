@@ -4,6 +4,9 @@
     python -m booster_jax.eval.studies runs/real/smollm2 runs/real/smollm2_s1   # seeds run in two directories
     python -m booster_jax.eval.studies runs/real/smollm2 runs/real/smollm2_s1 --paired sft booster_paper
         # B - A per seed and ratio, hierarchical bootstrap interval, sign test (booster_jax/eval/paired.py)
+    python -m booster_jax.eval.studies runs/real/study/s1? --paired sft booster_paper \
+        --max-tokens 24 --tokenizer data/real/smollm2-135m-instruct
+        # HS (table and paired) re-judged on the first 24 tokens of the stored answers (eval/rejudge.py)
 """
 
 from __future__ import annotations
@@ -131,10 +134,29 @@ def main(argv=None) -> int:
                     help=f"bootstrap resamples for --paired (default {paired.N_RESAMPLES})")
     ap.add_argument("--bootstrap-seed", type=int, default=paired.RNG_SEED,
                     help=f"numpy RNG seed of the --paired bootstrap (default {paired.RNG_SEED})")
+    ap.add_argument("--max-tokens", type=int, metavar="N",
+                    help="HS from the first N tokens of each stored harmful answer, re-judged by the keyword judge "
+                         "(table and --paired); needs --tokenizer")
+    ap.add_argument("--tokenizer", metavar="DIR", help="the model's tokenizer directory, for --max-tokens")
     ns = ap.parse_args(argv)
     if ns.resamples < 1:
         ap.error("--resamples must be at least 1")
+    if (ns.max_tokens is None) != (ns.tokenizer is None):
+        ap.error("--max-tokens and --tokenizer go together")
     base, runs = load_runs(ns.run_dirs)
+    reader = paired.read_verdicts
+    if ns.max_tokens is not None:
+        from booster_jax.eval import rejudge
+        from booster_jax.models import hf
+
+        rj = rejudge.TokenRejudge(hf.load_tokenizer(ns.tokenizer), ns.max_tokens)
+        runs, notes = rejudge.rejudge_runs(runs, ns.run_dirs, rj)
+        reader = rj.reader
+        print(rejudge.describe(rj, ns.tokenizer))
+        if base:   # its HS was judged at full length: not comparable with the table's
+            notes.append("the base model's line is left out: its HS was judged at full length")
+            base = None
+        print("".join(f"- {n}\n" for n in notes))
     if base:
         print(f"base model: HS {base['hs']:.1f}, FA {base['fa']:.1f}, benign refused {base.get('refused_benign', 'n/a')}\n")
     print(format_study(runs))
@@ -153,8 +175,11 @@ def main(argv=None) -> int:
         print(f"\nchosen: {chosen or 'none qualifies -> the paper recipe (lam 5, alpha 0.1, from scratch)'}")
     if ns.paired:
         a, b = ns.paired
-        cells = paired.compare(runs, a, b, ns.run_dirs, n_resamples=ns.resamples, rng_seed=ns.bootstrap_seed)
+        cells = paired.compare(runs, a, b, ns.run_dirs, n_resamples=ns.resamples, rng_seed=ns.bootstrap_seed,
+                               reader=reader)
         print("\n" + paired.format_paired(cells, a, b, n_resamples=ns.resamples, rng_seed=ns.bootstrap_seed))
+        if ns.max_tokens is not None:
+            print(f"\n(HS above re-judged at {ns.max_tokens} new tokens; FA as stored.)")
     return 0
 
 
