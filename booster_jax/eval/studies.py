@@ -7,6 +7,9 @@
     python -m booster_jax.eval.studies runs/real/study/s1? --paired sft booster_paper \
         --max-tokens 24 --tokenizer data/real/smollm2-135m-instruct
         # HS (table and paired) re-judged on the first 24 tokens of the stored answers (eval/rejudge.py)
+    python -m booster_jax.eval.studies runs/real/study/s1? --mechanism [--plot DIR]
+        # per seed: HS/over-refusal before, HS after, attack loss, Booster's h(w) - h(w'); correlations
+        # with SFT's post-attack HS; --plot: the attack-loss curves per seed (eval/mechanism.py)
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import re
 from collections import defaultdict
 from statistics import mean, stdev
 
-from booster_jax.eval import paired
+from booster_jax.eval import mechanism, paired
 
 
 def per_variant(runs: list[dict], ratio: float | None = None) -> dict[str, dict]:
@@ -136,13 +139,20 @@ def main(argv=None) -> int:
                     help=f"numpy RNG seed of the --paired bootstrap (default {paired.RNG_SEED})")
     ap.add_argument("--max-tokens", type=int, metavar="N",
                     help="HS from the first N tokens of each stored harmful answer, re-judged by the keyword judge "
-                         "(table and --paired); needs --tokenizer")
+                         "(table, --paired and --mechanism); needs --tokenizer")
     ap.add_argument("--tokenizer", metavar="DIR", help="the model's tokenizer directory, for --max-tokens")
+    ap.add_argument("--mechanism", action="store_true",
+                    help="per seed and variant: HS and over-refusal before, HS after, the attack's harmful loss, "
+                         "Booster's h(w) - h(w'); Pearson r with the reference's post-attack HS")
+    ap.add_argument("--reference", default="sft", help="the variant whose post-attack HS --mechanism correlates with")
+    ap.add_argument("--plot", metavar="DIR", help="with --mechanism: write the per-seed attack-loss curves here")
     ns = ap.parse_args(argv)
     if ns.resamples < 1:
         ap.error("--resamples must be at least 1")
     if (ns.max_tokens is None) != (ns.tokenizer is None):
         ap.error("--max-tokens and --tokenizer go together")
+    if ns.plot and not ns.mechanism:
+        ap.error("--plot needs --mechanism")
     base, runs = load_runs(ns.run_dirs)
     reader = paired.read_verdicts
     if ns.max_tokens is not None:
@@ -180,6 +190,13 @@ def main(argv=None) -> int:
         print("\n" + paired.format_paired(cells, a, b, n_resamples=ns.resamples, rng_seed=ns.bootstrap_seed))
         if ns.max_tokens is not None:
             print(f"\n(HS above re-judged at {ns.max_tokens} new tokens; FA as stored.)")
+    if ns.mechanism:
+        rows = mechanism.mechanism_rows(runs, ns.run_dirs)
+        print("\n" + mechanism.format_mechanism(rows, ns.reference))
+        if ns.max_tokens is not None:
+            print(f"\n(HS before/after above re-judged at {ns.max_tokens} new tokens.)")
+        for path in mechanism.plot_curves(rows, ns.plot) if ns.plot else []:
+            print(f"wrote {path}")
     return 0
 
 
