@@ -9,8 +9,7 @@ import pytest
 
 from booster_jax.errors import BoosterInputError
 from booster_jax.eval import layout
-from booster_jax.eval.mechanism import (attack_curve, correlations, last_booster_window, mechanism_rows, pearson,
-                                        plot_curves)
+from booster_jax.eval.mechanism import attack_curve, correlations, last_booster_window, mechanism_rows, pearson
 from booster_jax.eval.studies import load_runs, main
 from tests import run_tree as rt
 

@@ -115,8 +115,9 @@ def _fmt(v, digits: int = 2) -> str:
 def format_mechanism(rows: Sequence[dict], reference: str = "sft") -> str:
     """Markdown: the per-seed table, then the correlations with the reference's post-attack HS."""
     out = ["Mechanism per seed (issue 26 item 6). Attack h-loss = the attack's harmful training loss "
-           "(track.jsonl) at its first and last tracked step (the first is step track_every, not 0); h(w), h(w'), ‖g1‖ = the alignment's last "
-           "logged window (Booster's metrics; – for an alignment that does not log them).", "",
+           "(track.jsonl) at its first and last tracked step (the first is step track_every, not 0); "
+           "h(w), h(w'), ‖g1‖ = the alignment's last logged window (Booster's metrics; – for an alignment that "
+           "does not log them).", "",
            "| p | seed | variant | " + " | ".join(COLUMNS.values()) + " |",
            "|---:|---:|---|" + "---:|" * len(COLUMNS)]
     for r in rows:
@@ -128,7 +129,8 @@ def format_mechanism(rows: Sequence[dict], reference: str = "sft") -> str:
     out += ["", f"Pearson r over seeds with **{reference}'s post-attack HS** (n = seeds with both; "
             "r is n/a below 3 seeds or for a constant column; two-sided 5 % needs |r| > 0.71 at n = 8, > 0.95 at "
             "n = 4; many quantities are tried, so a large |r| is a lead, not a finding):",
-            "", "| p | variant | n | " + " | ".join(COLUMNS.values()) + " |", "|---:|---|---:|" + "---:|" * len(COLUMNS)]
+            "", "| p | variant | n | " + " | ".join(COLUMNS.values()) + " |",
+            "|---:|---|---:|" + "---:|" * len(COLUMNS)]
     for p in sorted({c["ratio"] for c in corr}):
         for v in dict.fromkeys(c["variant"] for c in corr if c["ratio"] == p):
             got = {c["column"]: c for c in corr if c["ratio"] == p and c["variant"] == v}
