@@ -115,7 +115,7 @@ def _prepare_real_if_missing(config_path: str, overrides: list[str]) -> None:
         return  # the full check below reports every problem at once
     if os.path.normpath(cfg.model.path).startswith(REAL_DATA_DIR + os.sep) and not os.path.exists(
             os.path.join(REAL_DATA_DIR, "manifest.json")):
-        from booster_jax.data.real.prepare import prepare
+        from booster_jax.prepare_real import prepare
 
         logging.getLogger("run").info("%s is missing: building the real setting first (prepare-real)", REAL_DATA_DIR)
         prepare(REAL_DATA_DIR)
@@ -125,7 +125,7 @@ def run(command: str, config_path: str, overrides: list[str], progress: bool = T
     from booster_jax.config import load_config
 
     if command == "prepare-real":
-        from booster_jax.data.real.prepare import prepare
+        from booster_jax.prepare_real import prepare
 
         manifest = prepare(REAL_DATA_DIR)
         print(f"real-setting files under {REAL_DATA_DIR} (fingerprint {manifest['fingerprint']}): "
@@ -156,7 +156,7 @@ def _run(command: str, cfg, progress: bool, options=None) -> int:
     import jax
 
     jax.config.update("jax_compilation_cache_dir", os.path.join(cfg.run.output_dir, ".jax_cache"))
-    from booster_jax.data.synthetic import embedded
+    from booster_jax.train import pretrain
 
     if command == "plan":
         from booster_jax.plan import print_plan
@@ -164,9 +164,9 @@ def _run(command: str, cfg, progress: bool, options=None) -> int:
         print_plan(cfg)
         return 0
     if command == "pretrain":
-        embedded.pretrain_base(cfg, progress=progress)
+        pretrain.pretrain_base(cfg, progress=progress)
         return 0
-    cfg = embedded.resolve(cfg, progress=progress)
+    cfg = pretrain.resolve(cfg, progress=progress)
     if command == "world":
         print(f"world files under {cfg.world.dir}; base model {cfg.model.path}")
         return 0

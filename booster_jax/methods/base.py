@@ -166,8 +166,10 @@ def register(spec: MethodSpec) -> MethodSpec:
 
 
 def get_method(name: str, stage: str) -> MethodSpec:
-    """The method registered as ``name`` for ``stage`` ("align" or "finetune")."""
-    import booster_jax.methods  # noqa: F401  (registers the built-in methods)
+    """The method registered as ``name`` for ``stage`` ("align" or "finetune").
+
+    The built-in methods are registered already: importing this module runs ``booster_jax/methods/__init__``
+    first, which imports them (importing the package here again was a circle in the import graph)."""
     from booster_jax.errors import BoosterInputError
 
     if stage not in STAGES:

@@ -20,11 +20,12 @@ import jax
 import jax.numpy as jnp
 
 from booster_jax import files, fingerprint, parallel, rundir
-from booster_jax.config import Config, config_fingerprint, config_to_dict
+from booster_jax.config import Config, config_to_dict
 from booster_jax.data import formats, mixture
 from booster_jax.data.batches import BatchStream
 from booster_jax.data.template import tokenize_examples
 from booster_jax.errors import BoosterInputError
+from booster_jax.fingerprint import config_parts, options_on
 from booster_jax.methods.base import Forward, StepContext, get_method, init_state, make_optimizer, method_config
 from booster_jax.models import hf
 from booster_jax.models.llama import LlamaConfig, LoraSpec, make_model
@@ -67,11 +68,6 @@ def model_fingerprint(model_dir: str) -> str:
     return fingerprint.model_fingerprint(model_dir)
 
 
-def config_parts(cfg: Config, sections) -> dict[str, str]:
-    """One fingerprint part per config section, so a rerun can name the setting that changed."""
-    return {f"config {s}": config_fingerprint(cfg, [s]) for s in sections}
-
-
 def lora_spec(cfg: Config) -> LoraSpec:
     return LoraSpec(r=cfg.lora.r, alpha=cfg.lora.alpha, targets=tuple(cfg.lora.targets), dropout=cfg.lora.dropout)
 
@@ -89,11 +85,6 @@ def stream(items, batch_size: int, seed: int, cfg: Config, tokenizer, infinite: 
                        buckets=cfg.data.bucket_lengths, infinite=infinite, drop_last=cfg.data.drop_last,
                        group_by_length=cfg.data.group_by_length, pack=pack,
                        pack_length=cfg.data.pack_length if pack else 0)
-
-
-def options_on(cfg: Config, *names: str) -> list[str]:
-    """The data options among ``names`` that are set (unset ones leave older fingerprints unchanged)."""
-    return [f"data.{n}" for n in names if getattr(cfg.data, n)]
 
 
 def total_steps(stage_cfg, steps_per_epoch: int) -> int:
