@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from booster_jax import files, fingerprint, parallel, rundir
-from booster_jax.config import Config, config_to_dict
+from booster_jax.config import Config, config_fingerprint, config_to_dict, extension_sections
 from booster_jax.data import formats, mixture
 from booster_jax.data.batches import BatchStream
 from booster_jax.data.template import tokenize_examples
@@ -163,12 +163,30 @@ ALIGN_SECTIONS = ("lora", "data.alignment_file", "data.align_start", "data.align
 def align_inputs(cfg: Config, base: Base) -> dict[str, str]:
     """What the alignment depends on, by name: the base model, each config setting, each data file's content."""
     sections = list(ALIGN_SECTIONS) + options_on(cfg, "group_by_length", "alignment_split")
-    return {"base model": base.fingerprint, **config_parts(cfg, sections),
+    return {"base model": base.fingerprint, **config_parts(cfg, sections), **method_parts(cfg, "align"),
             "data.alignment_file (content)": fingerprint.data_digest(cfg.data.alignment_file),
             "data.benign_file (content)": fingerprint.data_digest(cfg.data.benign_file),
             **({"benign filter judge": cfg.eval.judge,
                 "eval.judge_path (content)": fingerprint.data_digest(cfg.eval.judge_path)}
                if cfg.align.benign_filter else {})}
+
+
+def method_parts(cfg: Config, stage: str) -> dict[str, str]:
+    """For a method from outside the package (``run.plugins``): its source file's content and its own config
+    section; and, once any plugin declared a section, ``config <stage>`` without the plugins' sections, so
+    loading or editing one defense reruns its own stages and nothing else. Empty for a built-in method
+    with no plugin loaded, so those fingerprints are what they always were."""
+    spec = get_method(getattr(cfg, stage).method, stage)
+    plugin_sections = extension_sections(stage)
+    parts = {}
+    if plugin_sections:
+        parts[f"config {stage}"] = config_fingerprint(cfg, [stage], omit=[f"{stage}.{s}" for s in plugin_sections])
+        if spec.config_class is not None:
+            key = f"{stage}.{spec.config_section}"
+            parts[f"config {key}"] = config_fingerprint(cfg, [key])
+    if spec.source:
+        parts[f"{stage} method {spec.name} (source)"] = fingerprint.data_digest(spec.source)
+    return parts
 
 
 def align_fingerprint(cfg: Config, base: Base) -> str:
@@ -178,7 +196,8 @@ def align_fingerprint(cfg: Config, base: Base) -> str:
 def warmup_inputs(cfg: Config, base: Base, steps: int) -> dict[str, str]:
     """What the SFT warm start depends on: the alignment's inputs without the method's own settings (a
     Booster lam or a Vaccine rho does not change plain SFT steps), so variants share it."""
-    parts = {k: v for k, v in align_inputs(cfg, base).items() if k != "config align"}
+    parts = {k: v for k, v in align_inputs(cfg, base).items()
+             if k != "config align" and not k.startswith(("config align.", "align method "))}
     return {**parts, "warm-start steps": str(steps), **config_parts(cfg, ["align.optim", "align.batch_size",
                                                                           "align.benign_fraction"])}
 
@@ -477,7 +496,7 @@ def finetune_inputs(cfg: Config, align_fp: str) -> dict[str, str]:
     """What the attack depends on: the alignment (which covers the refusal file and the base model), each
     config setting, the task file's content."""
     sections = list(FINETUNE_SECTIONS) + options_on(cfg, "group_by_length", "pack", "pack_length", "task_split")
-    return {"alignment": align_fp, **config_parts(cfg, sections),
+    return {"alignment": align_fp, **config_parts(cfg, sections), **method_parts(cfg, "finetune"),
             "data.task_file (content)": fingerprint.data_digest(cfg.data.task_file)}
 
 
