@@ -278,6 +278,7 @@ class WorldConfig:
 
 @dataclass(frozen=True)
 class Config:
+    """The whole run, one section per part; every default is the paper's value (``load_config`` builds it)."""
     model: ModelConfig = _f(ModelConfig())
     lora: LoraConfig = _f(LoraConfig())
     data: DataConfig = _f(DataConfig())

@@ -29,6 +29,7 @@ from booster_jax.methods.base import lm_loss
 log = logging.getLogger(__name__)
 
 def make_judge(cfg: Config):
+    """The run's judge (``eval.judge``); BeaverDam is loaded on demand, so its weights never sit beside training."""
     import booster_jax.eval.synthetic_judge  # noqa: F401  (registers "synthetic")
 
     if cfg.eval.judge == "beaver_dam":

@@ -101,12 +101,14 @@ def make_optimizer(optim_cfg, total_steps: int = 0, decay_mask=None) -> optax.Gr
 
 
 def apply_gradients(state: TrainState, grads, optimizer: optax.GradientTransformation) -> TrainState:
+    """One optimizer step on ``grads``: new weights and optimizer state, step count + 1."""
     updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
     return state._replace(trainable=optax.apply_updates(state.trainable, updates), opt_state=opt_state,
                           step=state.step + 1)
 
 
 def init_state(trainable, optimizer: optax.GradientTransformation, extra=()) -> TrainState:
+    """A stage's first state: the weights, the optimizer's fresh state, step 0 and the method's ``extra``."""
     return TrainState(trainable, optimizer.init(trainable), jnp.zeros((), jnp.int32), extra)
 
 

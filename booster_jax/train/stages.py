@@ -48,6 +48,8 @@ class Base:
 
 
 def load_base(cfg: Config, sharding_for=None) -> Base:
+    """The base model of ``cfg.model.path`` (HF directory or hub id) with its tokenizer, [PAD] added as the
+    official code does, each weight placed on the run's mesh as it is read."""
     model_dir = hf.resolve_model_dir(cfg.model.path)
     llama = hf.read_config(model_dir)
     tokenizer = hf.load_tokenizer(model_dir, cfg.model.add_pad_token)
@@ -69,10 +71,12 @@ def model_fingerprint(model_dir: str) -> str:
 
 
 def lora_spec(cfg: Config) -> LoraSpec:
+    """The config's LoRA (rank, alpha, target projections, dropout) as the model reads it."""
     return LoraSpec(r=cfg.lora.r, alpha=cfg.lora.alpha, targets=tuple(cfg.lora.targets), dropout=cfg.lora.dropout)
 
 
 def forward_for(cfg: Config, base: Base) -> Forward:
+    """The model call ``forward(lora, params, batch)`` with the config's LoRA, dtypes, layer scan and remat."""
     model = make_model(base.llama, lora_spec(cfg), cfg.model.dtype, cfg.model.param_dtype,
                        deterministic=cfg.lora.dropout == 0, scan_layers=cfg.model.scan_layers,
                        remat=cfg.model.remat)
@@ -114,6 +118,8 @@ def booster_harmful_rows(cfg: Config) -> range | None:
 
 
 def alignment_examples(cfg: Config, tokenizer):
+    """(alignment, harmful) tokenized sets: the refusal rows (with benign rows mixed in when asked) and
+    Booster's harmful set, checked to have target tokens."""
     rows = refusal_rows(cfg)
     align, harmful = mixture.alignment_sets(rows, cfg.data.align_start, cfg.data.align_end, booster_harmful_rows(cfg))
     if cfg.align.benign_fraction > 0:
