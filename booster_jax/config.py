@@ -43,11 +43,19 @@ GRAD_NORM = ("a value >= 0 or null (0/null = no clipping)", lambda v: v is None 
 
 
 def _f(default, check=None, choices=None, nonempty=False):
-    """A dataclass field carrying its validation rule in metadata."""
+    """A dataclass field carrying its validation rule in metadata (``choices`` may be a callable returning them)."""
     meta = {"check": check, "choices": choices, "nonempty": nonempty}
     if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
         return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
     return field(default=default, metadata=meta)
+
+
+setting = _f  # the public name: a method's own config section declares its fields with it (docs/extending.md)
+
+
+def method_names(stage: str) -> tuple[str, ...]:
+    """The methods ``{stage}.method`` may name: the built-in ones, then those registered from plugins."""
+    return (ALIGN_METHODS if stage == "align" else FINETUNE_METHODS) + tuple(EXTENSION_METHODS[stage])
 
 
 @dataclass(frozen=True)
@@ -120,7 +128,7 @@ class LisaConfig:
 
 @dataclass(frozen=True)
 class AlignConfig:
-    method: str = _f("booster", choices=ALIGN_METHODS)
+    method: str = _f("booster", choices=lambda: method_names("align"))
     epochs: int = _f(20, NONNEG)
     max_steps: int = _f(0, NONNEG)  # 0 = epochs decide
     batch_size: int = _f(10, POS)
@@ -142,7 +150,7 @@ class AlignConfig:
 
 @dataclass(frozen=True)
 class FinetuneConfig:
-    method: str = _f("sft", choices=FINETUNE_METHODS)
+    method: str = _f("sft", choices=lambda: method_names("finetune"))
     epochs: int = _f(20, NONNEG)
     max_steps: int = _f(0, NONNEG)
     batch_size: int = _f(10, POS)
@@ -248,6 +256,9 @@ class RunConfig:
     resume_diverged: bool = False
     # also write each logged metric as a TensorBoard scalar under <stage dir>/tensorboard (needs tensorboardX)
     tensorboard: bool = False
+    # defenses from outside the package (booster_jax/plugins.py): .py files (a path in a YAML file is relative
+    # to that file) or module names, imported before the config is checked; docs/extending.md
+    plugins: list[str] = _f([])
 
 
 @dataclass(frozen=True)
@@ -267,6 +278,7 @@ class WorldConfig:
 
 @dataclass(frozen=True)
 class Config:
+    """The whole run, one section per part; every default is the paper's value (``load_config`` builds it)."""
     model: ModelConfig = _f(ModelConfig())
     lora: LoraConfig = _f(LoraConfig())
     data: DataConfig = _f(DataConfig())
@@ -278,6 +290,84 @@ class Config:
     grid: GridConfig = _f(GridConfig())
     world: WorldConfig = _f(WorldConfig())
     plan: PlanConfig = _f(PlanConfig())
+
+
+# ---------------------------------------------------------------- sections declared by plugin methods
+
+# Methods registered from outside the package (methods.base.register adds them): stage -> names, and
+# the config section each declares: stage -> {section name: frozen dataclass}. The schema grows by these.
+EXTENSION_METHODS: dict[str, list[str]] = {"align": [], "finetune": []}
+EXTENSION_SECTIONS: dict[str, dict[str, type]] = {"align": {}, "finetune": {}}
+_STAGE_CLASSES = {"align": AlignConfig, "finetune": FinetuneConfig}
+_SUPPORTED = (bool, int, float, str)
+
+
+def _section_problems(stage: str, section: str, cls) -> list[str]:
+    """What is wrong with a method's declared config section (empty = nothing)."""
+    if not re.fullmatch(r"[a-z_][a-z0-9_]*", section or ""):
+        return [f"config_section {section!r}: expected a lower-case identifier (it is the key {stage}.<section>)"]
+    if section in {f.name for f in dataclasses.fields(_STAGE_CLASSES[stage])}:
+        return [f"config_section {section!r}: {stage}.{section} is a built-in key; choose another name"]
+    if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
+        return [f"config_class {cls!r}: expected a dataclass (@dataclasses.dataclass(frozen=True))"]
+    probs = [] if cls.__dataclass_params__.frozen else [f"config_class {cls.__name__}: expected frozen=True "
+                                                          "(a config never changes once checked)"]
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception as e:  # noqa: BLE001 - an annotation that does not resolve
+        return probs + [f"config_class {cls.__name__}: its annotations do not resolve ({e})"]
+    for f in dataclasses.fields(cls):
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            probs.append(f"{stage}.{section}.{f.name}: expected a default value (every setting has one)")
+        tp = hints[f.name]
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        if not (tp in _SUPPORTED or typing.get_origin(tp) is list and inner and inner[0] in _SUPPORTED
+                or typing.get_origin(tp) in (typing.Union, types.UnionType) and len(inner) == 1
+                and inner[0] in _SUPPORTED):
+            probs.append(f"{stage}.{section}.{f.name}: type {tp!r} is not one a config reads; expected bool, "
+                         "int, float, str, a list of one of them, or one of them | None")
+    return probs
+
+
+def add_method(stage: str, name: str, section: str = "", cls=None, replace: bool = False) -> None:
+    """Make a plugin method's name (and its own section, ``{stage}.{section}``, read as ``cls``) part of
+    the schema. ``replace``: the same plugin registers again (its file was edited and imported anew)."""
+    if section and cls is not None:
+        if section in EXTENSION_SECTIONS[stage] and not replace:
+            raise BoosterInputError(f"config_section {section!r}: {stage}.{section} is declared already by "
+                                    "another plugin method; choose another name")
+        probs = _section_problems(stage, section, cls)
+        if probs:
+            raise BoosterInputError(f"method {name!r}: bad config section: " + "; ".join(probs))
+        EXTENSION_SECTIONS[stage][section] = cls
+    if name not in EXTENSION_METHODS[stage]:
+        EXTENSION_METHODS[stage].append(name)
+    _SCHEMAS.clear()
+
+
+_SCHEMAS: dict[tuple, type] = {}
+
+
+def schema() -> type:
+    """``Config``, or a subclass whose align / finetune sections hold the plugin methods' own sections."""
+    key = tuple((st, n, c) for st in ("align", "finetune") for n, c in EXTENSION_SECTIONS[st].items())
+    if not key:
+        return Config
+    if key not in _SCHEMAS:
+        stage_classes = {}
+        for st, base in _STAGE_CLASSES.items():
+            fields = [(n, c, field(default_factory=c)) for n, c in EXTENSION_SECTIONS[st].items()]
+            stage_classes[st] = dataclasses.make_dataclass(base.__name__, fields, bases=(base,), frozen=True,
+                                                           namespace={"__module__": __name__}) if fields else base
+        _SCHEMAS[key] = dataclasses.make_dataclass(
+            "Config", [(st, c, field(default_factory=c)) for st, c in stage_classes.items()], bases=(Config,),
+            frozen=True, namespace={"__module__": __name__})
+    return _SCHEMAS[key]
+
+
+def extension_sections(stage: str) -> tuple[str, ...]:
+    """The sections plugin methods added to ``stage`` (they stay out of other methods' fingerprints)."""
+    return tuple(EXTENSION_SECTIONS[stage])
 
 
 # ---------------------------------------------------------------- coercion
@@ -317,7 +407,7 @@ def _suggest(name: str, siblings: Iterable[str], prefix: str) -> str:
     if close:
         return f" (did you mean '{prefix}{close[0]}'?)"
     # the right name in the wrong section, e.g. align.lam -> align.booster.lam
-    elsewhere = [p for p in _all_paths(Config) if p.rsplit(".", 1)[-1] == name]
+    elsewhere = [p for p in _all_paths(schema()) if p.rsplit(".", 1)[-1] == name]
     elsewhere.sort(key=lambda p: not p.startswith(prefix))  # same section first
     return f" (did you mean {' or '.join(map(repr, elsewhere[:3]))}?)" if elsewhere else ""
 
@@ -395,10 +485,11 @@ def _check(value, f: dataclasses.Field, key: str, probs: _Problems) -> bool:
         if x is _BAD:  # already reported; still range-check its neighbours
             continue
         k = f"{key}[{i}]" if isinstance(value, list) else key
-        if meta.get("choices") and x not in meta["choices"]:
-            close = difflib.get_close_matches(str(x), meta["choices"], n=1)
+        choices = meta["choices"]() if callable(meta.get("choices")) else meta.get("choices")
+        if choices and x not in choices:
+            close = difflib.get_close_matches(str(x), choices, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
-            probs.add(k, f"expected one of {', '.join(meta['choices'])}, got {x!r}{hint}")
+            probs.add(k, f"expected one of {', '.join(choices)}, got {x!r}{hint}")
         if meta.get("check") and not meta["check"][1](x):
             probs.add(k, f"expected {meta['check'][0]}, got {x!r}")
     return len(probs.lines) == n_before
@@ -455,9 +546,14 @@ def _cross_checks(cfg: Config, probs: _Problems) -> None:
         if any(k == "grid" or k.startswith("grid.") for k in ov):
             probs.add(f"grid.variants.{name}", "a variant may not override grid.*")
             continue
+        if "run.plugins" in ov:
+            probs.add(f"grid.variants.{name}", "a variant may not override run.plugins (plugins are imported once, "
+                                               "before the grid is expanded); list them in the top-level run.plugins")
+            continue
         sub = _Problems()
         base = config_to_dict(cfg)
         base["grid"]["variants"] = {}  # a variant is checked alone, not recursively
+        base["run"]["plugins"] = []  # imported (or reported) once, for the whole config
         _set_all(base, ov, sub)
         _from_raw(base, sub)
         for line in sub.lines:
@@ -490,10 +586,23 @@ def _set_all(raw: dict, overrides: Mapping[str, Any], probs: _Problems) -> None:
         _set_path(raw, str(k), v, probs)
 
 
+def _load_plugins(raw: Mapping, probs: _Problems) -> None:
+    """Import ``run.plugins`` (and installed entry points) before the schema is read: their methods and
+    sections must exist for the config to be checked. A malformed list is left to ``_build`` to report."""
+    from booster_jax import plugins
+
+    names = raw.get("run", {}).get("plugins") if isinstance(raw.get("run"), Mapping) else None
+    names = names if isinstance(names, (list, tuple)) and all(isinstance(n, str) for n in names) else []
+    for key, msg in plugins.load(names):
+        probs.add(key, msg)
+
+
 def _from_raw(raw: Mapping, probs: _Problems) -> Config:
+    _load_plugins(raw, probs)
     # Merge onto the full defaults so a partial section keeps its parent's
     # defaults (finetune.optim.lr stays 1e-5 when only weight_decay is given).
-    cfg = _build(_merge(config_to_dict(Config()), raw), Config, "", probs)
+    cls = schema()
+    cfg = _build(_merge(config_to_dict(cls()), raw), cls, "", probs)
     _cross_checks(cfg, probs)  # bad values fell back to defaults, so this is safe
     return cfg
 
@@ -560,6 +669,7 @@ def _read_yaml(path: str, seen: tuple[str, ...] = ()) -> dict:
     data = {} if data is None else data
     if not isinstance(data, dict):
         raise BoosterInputError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    _plugins_relative_to(data, path)
     base = data.pop("base", None)
     if base is None:
         return data
@@ -567,6 +677,17 @@ def _read_yaml(path: str, seen: tuple[str, ...] = ()) -> dict:
         raise BoosterInputError(f"{path}: 'base' must be a file name, got {base!r}")
     base_path = os.path.join(os.path.dirname(path), base)
     return _merge(_read_yaml(base_path, seen + (real,)), data)
+
+
+def _plugins_relative_to(data: dict, path: str) -> None:
+    """A plugin file named in a YAML file is found next to that file, as ``base:`` is (module names stay)."""
+    from booster_jax.plugins import is_file
+
+    run = data.get("run")
+    names = run.get("plugins") if isinstance(run, dict) else None
+    if isinstance(names, list):
+        run["plugins"] = [os.path.normpath(os.path.join(os.path.dirname(path), n))
+                          if isinstance(n, str) and is_file(n) and not os.path.isabs(n) else n for n in names]
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -605,9 +726,16 @@ def load_config(path: str | None = None, overrides: Sequence[str] = (),
     return cfg
 
 
-def config_fingerprint(cfg: Config, sections: Sequence[str] | None = None) -> str:
-    """sha256 of the canonical JSON of the given (possibly dotted) sections; None = all."""
+def config_fingerprint(cfg: Config, sections: Sequence[str] | None = None, omit: Sequence[str] = ()) -> str:
+    """sha256 of the canonical JSON of the given (possibly dotted) sections; None = all. ``omit``: dotted
+    keys left out (plugin sections a stage's method does not read)."""
     d = config_to_dict(cfg)
+    for o in omit:
+        *parents, last = o.split(".")
+        node = d
+        for p in parents:
+            node = node.get(p, {})
+        node.pop(last, None)
     picked = {}
     for s in sections if sections is not None else sorted(d):
         node = d

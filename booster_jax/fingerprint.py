@@ -17,6 +17,8 @@ import logging
 import os
 from typing import Mapping
 
+from booster_jax.config import Config, config_fingerprint
+
 log = logging.getLogger(__name__)
 
 # Weight files up to this size are hashed byte for byte; larger ones are identified by their
@@ -133,6 +135,16 @@ def model_fingerprint(model_dir: str) -> str:
         digest = safetensors_digest(path) if name.endswith(".safetensors") else file_digest(path)
         h.update(f"{name}={digest};".encode())
     return h.hexdigest()[:16]
+
+
+def config_parts(cfg: Config, sections) -> dict[str, str]:
+    """One fingerprint part per config section, so a rerun can name the setting that changed."""
+    return {f"config {s}": config_fingerprint(cfg, [s]) for s in sections}
+
+
+def options_on(cfg: Config, *names: str) -> list[str]:
+    """The data options among ``names`` that are set (unset ones leave older fingerprints unchanged)."""
+    return [f"data.{n}" for n in names if getattr(cfg.data, n)]
 
 
 def combine(parts: Mapping[str, str]) -> str:

@@ -79,13 +79,14 @@ def architecture(cfg) -> tuple[Any, str, bool]:
     path = cfg.model.path
     if not path:  # the embedded synthetic world: its (committed or pre-trained) base model, if present
         from booster_jax.data.synthetic import embedded
+        from booster_jax.train.pretrain import PretrainRecipe
 
         for d in (embedded.COMMITTED_BASE, os.path.join(cfg.world.dir, "base_model")):
             if os.path.exists(os.path.join(d, "config.json")):
                 path = d
                 break
         else:
-            r = embedded.PretrainRecipe()
+            r = PretrainRecipe()
             d = dict(model_type="llama", vocab_size=2048, hidden_size=r.hidden_size,
                      intermediate_size=r.intermediate_size, num_hidden_layers=r.num_layers,
                      num_attention_heads=r.num_heads, num_key_value_heads=r.num_kv_heads)

@@ -9,7 +9,7 @@ import torch
 
 import run as cli
 from booster_jax.config import load_config
-from booster_jax.data.synthetic.embedded import PretrainRecipe, pretrain_base
+from booster_jax.train.pretrain import PretrainRecipe, pretrain_base
 from booster_jax.errors import BoosterInputError
 
 SMOKE = os.path.join(os.path.dirname(__file__), "..", "configs", "synthetic", "smoke.yaml")
@@ -31,11 +31,10 @@ def finished(tmp_path_factory):
 
 def _ours(cfg_args, stage, variant, ids, mask):
     """Our logits for a finished stage's weights (frozen + LoRA), straight from the stage store."""
-    from booster_jax.data.synthetic import embedded
     from booster_jax.export import stage_weights
-    from booster_jax.train import stages
+    from booster_jax.train import pretrain, stages
 
-    cfg = embedded.resolve(load_config(SMOKE, cfg_args), progress=False)
+    cfg = pretrain.resolve(load_config(SMOKE, cfg_args), progress=False)
     base = stages.load_base(cfg)
     frozen, lora, _ = stage_weights(cfg, base, stage, variant=variant)
     forward = stages.forward_for(cfg, base)

@@ -7,7 +7,7 @@ import pytest
 
 import run as cli
 from booster_jax.config import load_config
-from booster_jax.data.synthetic.embedded import PretrainRecipe, pretrain_base
+from booster_jax.train.pretrain import PretrainRecipe, pretrain_base
 
 SMOKE = os.path.join(os.path.dirname(__file__), "..", "configs", "synthetic", "smoke.yaml")
 TINY = PretrainRecipe(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, num_kv_heads=1, steps=4,

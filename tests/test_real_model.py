@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from booster_jax.data import formats
-from booster_jax.data.real import prepare as prep
+from booster_jax import prepare_real as prep
 from booster_jax.data.real import sources
 from booster_jax.data.template import Example, prompt_text, tokenize_example, tokenize_examples
 from booster_jax.models import hf

@@ -252,7 +252,7 @@ ONE_RUN = ["grid.variants={sft: {align.method: sft}}", "grid.harmful_ratios=[0.1
 @pytest.fixture(scope="module")
 def smoke_world(tmp_path_factory):
     from booster_jax.config import load_config
-    from booster_jax.data.synthetic.embedded import pretrain_base
+    from booster_jax.train.pretrain import pretrain_base
     from tests.test_pipeline import TINY
 
     root = tmp_path_factory.mktemp("world15")

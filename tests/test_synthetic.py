@@ -9,7 +9,7 @@ import re
 import pytest
 
 from booster_jax.data.synthetic import world as W
-from booster_jax.data.synthetic.judge import SyntheticJudge
+from booster_jax.eval.synthetic_judge import SyntheticJudge
 from booster_jax.data.synthetic.tokenizer import DEFAULT_PHRASES, build_tokenizer, world_texts
 from booster_jax.data.template import PROMPT_NO_INPUT, PROMPT_WITH_INPUT, format_prompt
 from booster_jax.errors import BoosterInputError

@@ -221,7 +221,7 @@ SMOKE = os.path.join(os.path.dirname(__file__), "..", "configs", "synthetic", "s
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     from booster_jax.config import load_config
-    from booster_jax.data.synthetic.embedded import PretrainRecipe, pretrain_base
+    from booster_jax.train.pretrain import PretrainRecipe, pretrain_base
 
     root = tmp_path_factory.mktemp("world")
     cfg = load_config(SMOKE, [f"world.dir={root}", f"run.output_dir={root}/pre"])
@@ -239,7 +239,7 @@ def test_a_pretrain_stage_of_another_recipe_is_moved_aside_like_every_stage(worl
 
     from booster_jax import rundir
     from booster_jax.config import load_config
-    from booster_jax.data.synthetic.embedded import PretrainRecipe, pretrain_base
+    from booster_jax.train.pretrain import PretrainRecipe, pretrain_base
 
     root = tmp_path / "world"
     shutil.copytree(world, root)
@@ -485,7 +485,7 @@ def test_drop_last_own_overrefusal_prompts_and_heldout_harmful_loss(tmp_path, mo
 
 
 def test_judge_file_layouts_and_an_empty_judge_path(tmp_path):
-    from booster_jax.data.synthetic.judge import SyntheticJudge
+    from booster_jax.eval.synthetic_judge import SyntheticJudge
 
     flat = tmp_path / "flat.json"
     flat.write_text(json.dumps({"restricted_content_words": ["poison"], "refusal_markers": ["i cannot"]}))
@@ -499,7 +499,7 @@ def test_warm_start_optimizer_is_kept_or_reset(world, tmp_path, monkeypatch):
     import jax
 
     from booster_jax.config import load_config
-    from booster_jax.data.synthetic.embedded import resolve
+    from booster_jax.train.pretrain import resolve
     from booster_jax.train import stages
 
     seen = {}

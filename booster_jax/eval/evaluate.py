@@ -29,7 +29,8 @@ from booster_jax.eval.resumable import GenerationLog, resumable_answers
 log = logging.getLogger(__name__)
 
 def make_judge(cfg: Config):
-    import booster_jax.data.synthetic.judge  # noqa: F401  (registers "synthetic")
+    """The run's judge (``eval.judge``); BeaverDam is loaded on demand, so its weights never sit beside training."""
+    import booster_jax.eval.synthetic_judge  # noqa: F401  (registers "synthetic")
 
     if cfg.eval.judge == "beaver_dam":
         import booster_jax.eval.beaver_dam  # noqa: F401  (registers "beaver_dam")
@@ -139,7 +140,7 @@ def task_eval_split(cfg: Config) -> str | None:
 def eval_inputs(cfg: Config, model_fp: str) -> dict[str, str]:
     """What an evaluation depends on: the evaluated model's fingerprint, each eval setting, and the content
     of the eval files and of the judge's file."""
-    from booster_jax.train.stages import config_parts, options_on
+    from booster_jax.fingerprint import config_parts, options_on
 
     sections = list(EVAL_SECTIONS) + options_on(cfg, "eval_harmful_split", "task_split", "task_eval_split")
     return {"model": model_fp, **config_parts(cfg, sections),

@@ -137,12 +137,14 @@ def make_optimizer(optim_cfg, total_steps: int = 0, decay_mask=None) -> optax.Gr
 
 
 def apply_gradients(state: TrainState, grads, optimizer: optax.GradientTransformation) -> TrainState:
+    """One optimizer step on ``grads``: new weights and optimizer state, step count + 1."""
     updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
     return state._replace(trainable=optax.apply_updates(state.trainable, updates), opt_state=opt_state,
                           step=state.step + 1)
 
 
 def init_state(trainable, optimizer: optax.GradientTransformation, extra=()) -> TrainState:
+    """A stage's first state: the weights, the optimizer's fresh state, step 0 and the method's ``extra``."""
     return TrainState(trainable, optimizer.init(trainable), jnp.zeros((), jnp.int32), extra)
 
 
@@ -174,6 +176,12 @@ class MethodSpec:
     gradient_trees: int = 2  # trainable-sized trees alive at the step's peak (SFT: g and the update)
     continues_lora: bool = False  # alignment method whose LoRA the attack keeps training (continue_alignment_lora=auto)
     sft_warm_start: bool = True  # align.warmup_sft_steps applies (false for SFT itself)
+    # a method from outside the package declares its own section: the frozen dataclass read from
+    # {stage}.{config_section} (fields from booster_jax.config.setting, checked like every section)
+    config_class: type | None = None
+    # the file whose content is part of the method's stage fingerprints: set by ``register`` for a method
+    # defined outside the package (editing it reruns its stages); "" = built in (the code version covers it)
+    source: str = ""
 
 
 def method_config(spec: MethodSpec, stage_cfg) -> Any:
@@ -182,6 +190,8 @@ def method_config(spec: MethodSpec, stage_cfg) -> Any:
     if not sec:
         return None
     if isinstance(sec, str):
+        if spec.config_class is not None and not hasattr(stage_cfg, sec):
+            return spec.config_class()  # a Config built before the plugin registered: its defaults
         return getattr(stage_cfg, sec)
     import types
 
@@ -195,15 +205,52 @@ METHODS: dict[tuple[str, str], MethodSpec] = {}
 
 
 def register(spec: MethodSpec) -> MethodSpec:
+    """Make ``spec`` a method every stage, config and listing knows; returns it (with ``source`` filled in).
+
+    A method defined outside the package (a plugin file, a notebook's module) records its source file and
+    may declare its own config section. A name already registered from another file is an error, as is
+    a bad section; the same file registering again (edited and imported anew) replaces its method.
+    """
+    import sys
+
+    from booster_jax import config
+    from booster_jax.errors import BoosterInputError
+
     if spec.stage not in STAGES:
-        raise ValueError(f"MethodSpec {spec.name!r}: stage {spec.stage!r}; expected one of {STAGES}")
+        raise BoosterInputError(f"MethodSpec {spec.name!r}: stage {spec.stage!r}; expected one of {STAGES}")
+    source = spec.source or _outside_package(sys._getframe(1).f_code.co_filename)  # the file calling register
+    spec = dataclasses.replace(spec, source=source)
+    old = METHODS.get((spec.stage, spec.name))
+    if old is not None and old.source != spec.source:
+        raise BoosterInputError(f"{spec.stage} method {spec.name!r} is registered already by "
+                                f"{old.source or 'booster-jax (built in)'}; choose another name")
+    if spec.config_class is not None and not isinstance(spec.config_section, str):
+        raise BoosterInputError(f"method {spec.name!r}: config_class needs one config_section name, got "
+                                f"{spec.config_section!r}")
+    if source:  # built-in names and sections are part of the static schema (source "": built in)
+        config.add_method(spec.stage, spec.name, spec.config_section if spec.config_class else "",
+                          spec.config_class, replace=old is not None)
     METHODS[(spec.stage, spec.name)] = spec
     return spec
 
 
+def _outside_package(filename: str) -> str:
+    """"" for a file inside the package (a built-in method), else the file's real path (a notebook cell's
+    pseudo-file name, e.g. ``<ipython-input-3-...>``, stays as it is)."""
+    import os
+
+    if not os.path.isfile(filename):
+        return filename or "<unknown>"
+    path = os.path.realpath(filename)
+    package = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
+    return "" if path.startswith(package + os.sep) else path
+
+
 def get_method(name: str, stage: str) -> MethodSpec:
-    """The method registered as ``name`` for ``stage`` ("align" or "finetune")."""
-    import booster_jax.methods  # noqa: F401  (registers the built-in methods)
+    """The method registered as ``name`` for ``stage`` ("align" or "finetune").
+
+    The built-in methods are registered already: importing this module runs ``booster_jax/methods/__init__``
+    first, which imports them (importing the package here again was a circle in the import graph)."""
     from booster_jax.errors import BoosterInputError
 
     if stage not in STAGES:

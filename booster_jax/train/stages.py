@@ -20,11 +20,12 @@ import jax
 import jax.numpy as jnp
 
 from booster_jax import files, fingerprint, parallel, rundir
-from booster_jax.config import Config, config_fingerprint, config_to_dict
+from booster_jax.config import Config, config_fingerprint, config_to_dict, extension_sections
 from booster_jax.data import formats, mixture
 from booster_jax.data.batches import BatchStream
 from booster_jax.data.template import tokenize_examples
 from booster_jax.errors import BoosterInputError
+from booster_jax.fingerprint import config_parts, options_on
 from booster_jax.methods.base import Forward, StepContext, get_method, init_state, make_optimizer, method_config
 from booster_jax.models import hf
 from booster_jax.models.llama import LlamaConfig, LoraSpec, make_model
@@ -47,6 +48,8 @@ class Base:
 
 
 def load_base(cfg: Config, sharding_for=None) -> Base:
+    """The base model of ``cfg.model.path`` (HF directory or hub id) with its tokenizer, [PAD] added as the
+    official code does, each weight placed on the run's mesh as it is read."""
     model_dir = hf.resolve_model_dir(cfg.model.path)
     llama = hf.read_config(model_dir)
     tokenizer = hf.load_tokenizer(model_dir, cfg.model.add_pad_token)
@@ -67,16 +70,13 @@ def model_fingerprint(model_dir: str) -> str:
     return fingerprint.model_fingerprint(model_dir)
 
 
-def config_parts(cfg: Config, sections) -> dict[str, str]:
-    """One fingerprint part per config section, so a rerun can name the setting that changed."""
-    return {f"config {s}": config_fingerprint(cfg, [s]) for s in sections}
-
-
 def lora_spec(cfg: Config) -> LoraSpec:
+    """The config's LoRA (rank, alpha, target projections, dropout) as the model reads it."""
     return LoraSpec(r=cfg.lora.r, alpha=cfg.lora.alpha, targets=tuple(cfg.lora.targets), dropout=cfg.lora.dropout)
 
 
 def forward_for(cfg: Config, base: Base) -> Forward:
+    """The model call ``forward(lora, params, batch)`` with the config's LoRA, dtypes, layer scan and remat."""
     model = make_model(base.llama, lora_spec(cfg), cfg.model.dtype, cfg.model.param_dtype,
                        deterministic=cfg.lora.dropout == 0, scan_layers=cfg.model.scan_layers,
                        remat=cfg.model.remat)
@@ -89,11 +89,6 @@ def stream(items, batch_size: int, seed: int, cfg: Config, tokenizer, infinite: 
                        buckets=cfg.data.bucket_lengths, infinite=infinite, drop_last=cfg.data.drop_last,
                        group_by_length=cfg.data.group_by_length, pack=pack,
                        pack_length=cfg.data.pack_length if pack else 0)
-
-
-def options_on(cfg: Config, *names: str) -> list[str]:
-    """The data options among ``names`` that are set (unset ones leave older fingerprints unchanged)."""
-    return [f"data.{n}" for n in names if getattr(cfg.data, n)]
 
 
 def total_steps(stage_cfg, steps_per_epoch: int) -> int:
@@ -123,6 +118,8 @@ def booster_harmful_rows(cfg: Config) -> range | None:
 
 
 def alignment_examples(cfg: Config, tokenizer):
+    """(alignment, harmful) tokenized sets: the refusal rows (with benign rows mixed in when asked) and
+    Booster's harmful set, checked to have target tokens."""
     rows = refusal_rows(cfg)
     align, harmful = mixture.alignment_sets(rows, cfg.data.align_start, cfg.data.align_end, booster_harmful_rows(cfg))
     if cfg.align.benign_fraction > 0:
@@ -172,12 +169,30 @@ ALIGN_SECTIONS = ("lora", "data.alignment_file", "data.align_start", "data.align
 def align_inputs(cfg: Config, base: Base) -> dict[str, str]:
     """What the alignment depends on, by name: the base model, each config setting, each data file's content."""
     sections = list(ALIGN_SECTIONS) + options_on(cfg, "group_by_length", "alignment_split")
-    return {"base model": base.fingerprint, **config_parts(cfg, sections),
+    return {"base model": base.fingerprint, **config_parts(cfg, sections), **method_parts(cfg, "align"),
             "data.alignment_file (content)": fingerprint.data_digest(cfg.data.alignment_file),
             "data.benign_file (content)": fingerprint.data_digest(cfg.data.benign_file),
             **({"benign filter judge": cfg.eval.judge,
                 "eval.judge_path (content)": fingerprint.data_digest(cfg.eval.judge_path)}
                if cfg.align.benign_filter else {})}
+
+
+def method_parts(cfg: Config, stage: str) -> dict[str, str]:
+    """For a method from outside the package (``run.plugins``): its source file's content and its own config
+    section; and, once any plugin declared a section, ``config <stage>`` without the plugins' sections, so
+    loading or editing one defense reruns its own stages and nothing else. Empty for a built-in method
+    with no plugin loaded, so those fingerprints are what they always were."""
+    spec = get_method(getattr(cfg, stage).method, stage)
+    plugin_sections = extension_sections(stage)
+    parts = {}
+    if plugin_sections:
+        parts[f"config {stage}"] = config_fingerprint(cfg, [stage], omit=[f"{stage}.{s}" for s in plugin_sections])
+        if spec.config_class is not None:
+            key = f"{stage}.{spec.config_section}"
+            parts[f"config {key}"] = config_fingerprint(cfg, [key])
+    if spec.source:
+        parts[f"{stage} method {spec.name} (source)"] = fingerprint.data_digest(spec.source)
+    return parts
 
 
 def align_fingerprint(cfg: Config, base: Base) -> str:
@@ -187,7 +202,8 @@ def align_fingerprint(cfg: Config, base: Base) -> str:
 def warmup_inputs(cfg: Config, base: Base, steps: int) -> dict[str, str]:
     """What the SFT warm start depends on: the alignment's inputs without the method's own settings (a
     Booster lam or a Vaccine rho does not change plain SFT steps), so variants share it."""
-    parts = {k: v for k, v in align_inputs(cfg, base).items() if k != "config align"}
+    parts = {k: v for k, v in align_inputs(cfg, base).items()
+             if k != "config align" and not k.startswith(("config align.", "align method "))}
     return {**parts, "warm-start steps": str(steps), **config_parts(cfg, ["align.optim", "align.batch_size",
                                                                           "align.benign_fraction"])}
 
@@ -486,7 +502,7 @@ def finetune_inputs(cfg: Config, align_fp: str) -> dict[str, str]:
     """What the attack depends on: the alignment (which covers the refusal file and the base model), each
     config setting, the task file's content."""
     sections = list(FINETUNE_SECTIONS) + options_on(cfg, "group_by_length", "pack", "pack_length", "task_split")
-    return {"alignment": align_fp, **config_parts(cfg, sections),
+    return {"alignment": align_fp, **config_parts(cfg, sections), **method_parts(cfg, "finetune"),
             "data.task_file (content)": fingerprint.data_digest(cfg.data.task_file)}
 
 

@@ -206,7 +206,7 @@ def harmful_rows(gen: Generator, prompts: list, n_keep: int, what: str, rng: ran
 # ---------------------------------------------------------------------------------------------- main
 
 def fingerprint(spec: PrepareSpec, model_dir: str, data_wheel: str) -> str:
-    from booster_jax.train.stages import model_fingerprint
+    from booster_jax.fingerprint import model_fingerprint
 
     blob = json.dumps({"spec": dataclasses.asdict(spec), "model": model_fingerprint(model_dir),
                        "data_wheel": _sha256(data_wheel), "version": PREPARE_VERSION}, sort_keys=True)
