@@ -40,7 +40,7 @@ TIMED = [
     ("booster_jax.eval.evaluate", "generate_answers", "generation (eval)"),
     ("booster_jax.eval.evaluate", "heldout_loss", "held-out loss (eval)"),
     ("booster_jax.eval.judges", "KeywordRefusalJudge.judge", "judge"),
-    ("booster_jax.data.synthetic.judge", "SyntheticJudge.judge", "judge"),
+    ("booster_jax.eval.synthetic_judge", "SyntheticJudge.judge", "judge"),
     ("booster_jax.train.stages", "harmful_loss_hook", "attack tracking (Fig. 3)"),
     ("booster_jax.train.stages", "harmful_score_probe", "attack tracking (Fig. 3)"),
     ("booster_jax.fingerprint", "file_digest", "hashing"),
@@ -152,14 +152,14 @@ def main(argv=None) -> int:
     import booster_jax.pipeline as pipeline  # noqa: F401  (imports every timed module)
     from booster_jax.config import load_config
     import booster_jax.eval.evaluate  # noqa: F401
-    import booster_jax.data.synthetic.judge  # noqa: F401
+    import booster_jax.eval.synthetic_judge  # noqa: F401
 
     install(profile)
     out = ns.keep or tempfile.mkdtemp(prefix="profile-run-")
     cfg = load_config(ns.config, list(ns.overrides) + [f"run.output_dir={out}/run", f"run.cache_dir={out}/cache"])
-    from booster_jax.data.synthetic import embedded
+    from booster_jax.train.pretrain import resolve
 
-    cfg = embedded.resolve(cfg, progress=False)
+    cfg = resolve(cfg, progress=False)
     pipeline.run_pipeline(cfg, progress=False)
     total = time.perf_counter() - t0
     rows = table(profile, total)
