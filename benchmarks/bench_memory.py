@@ -144,6 +144,8 @@ def measure(args) -> dict:
     b = {"input_ids": jax.ShapeDtypeStruct((args.batch, args.length), jnp.int32),
          "attention_mask": jax.ShapeDtypeStruct((args.batch, args.length), jnp.int32),
          "loss_mask": jax.ShapeDtypeStruct((args.batch, args.length), jnp.float32)}
+    if args.head_positions:  # collate's target_index: the LM head and the loss at K positions per row
+        b["target_index"] = jax.ShapeDtypeStruct((args.batch, args.head_positions), jnp.int32)
     key = jax.eval_shape(lambda: jax.random.key(0))
     bv = method_config(get_method("booster_vaccine", "align"), AlignConfig())
     steps = {
@@ -168,7 +170,8 @@ def measure(args) -> dict:
         out[name] = {"argument": m.argument_size_in_bytes, "temp": m.temp_size_in_bytes, "peak": peak}
     n = sum(x.size for x in jax.tree.leaves(params))
     out["_model"] = {"params": n, "analytic_activations": activation_bytes(
-        llama, args.batch, args.length, jnp.dtype(args.dtype).itemsize, 1, spec.r, len(spec.targets))}
+        llama, args.batch, args.length, jnp.dtype(args.dtype).itemsize, 1, spec.r, len(spec.targets),
+        head_positions=args.head_positions or None)}
     return out
 
 
@@ -181,11 +184,15 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=10)
     ap.add_argument("--length", type=int, default=256)
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    ap.add_argument("--head-positions", type=int, default=0,
+                    help="K: the batches carry target_index [batch, K], so the LM head runs at K positions per row "
+                         "(as collate builds them); 0 = the head at every position (before issue 27)")
     args = ap.parse_args(argv)
     r = measure(args)
     model = r.pop("_model")
     print(f"backend {jax.default_backend()}; LLaMA hidden {args.hidden}, {args.layers} layers, vocab {args.vocab} "
-          f"({model['params'] / 1e6:.1f} M params, {args.dtype}); LoRA r 32 q,k,v; batch {args.batch} x {args.length}")
+          f"({model['params'] / 1e6:.1f} M params, {args.dtype}); LoRA r 32 q,k,v; batch {args.batch} x {args.length}; "
+          f"LM head at {args.head_positions or args.length} positions per row")
     print(f"{'step':<23}{'arguments MB':>14}{'temporaries MB':>16}{'peak MB':>10}{'peak / SFT':>12}")
     for name, m in r.items():
         print(f"{name:<23}{m['argument'] / 1e6:14.1f}{m['temp'] / 1e6:16.1f}{m['peak'] / 1e6:10.1f}"

@@ -149,12 +149,14 @@ def check_sufficiently_sharded(params, sizes: dict[str, int]) -> None:
 
 
 def activation_bytes(llama, rows: int, length: int, compute_bytes: int, tensor: int, lora_r: int,
-                     n_adapted: int, remat: str = "none") -> int:
+                     n_adapted: int, remat: str = "none", head_positions: int | None = None) -> int:
     """The analytic estimate of the activations one device keeps for the backward pass (see the module doc).
 
     ``remat`` (``model.remat``): "none" keeps every layer's activations; "full" keeps each layer's input
     (D per token) plus one layer's activations, recomputed during its backward; "dots" keeps each layer's
     input and its matmul outputs (q, k, v, o, gate, up, down and the LoRA products) plus one layer's rest.
+    ``head_positions``: K, the positions per row the LM head runs at (``data.batches.target_index``: a row's
+    targets, bucketed); None = every position, the bound the plan uses since it reads no data.
     """
     def split(n):  # a dimension the tensor axis shards when it divides it
         return n // tensor if n % tensor == 0 else n
@@ -166,10 +168,11 @@ def activation_bytes(llama, rows: int, length: int, compute_bytes: int, tensor: 
         + h * length * (4 + 4 + c)
     per_token_head = llama.vocab_size * (c + 4 + 4)
     tokens = rows * length
+    head_tokens = rows * (length if head_positions is None else min(head_positions, length))
     kept = {"none": per_token_layer, "full": d * c,
             "dots": (4 * d + h * hd + 2 * kv * hd + 2 * f + 2 * lora_r * n_adapted) * c}[remat]
     recomputed = 0 if remat == "none" else per_token_layer  # the layer whose backward is running
-    return tokens * (llama.num_layers * kept + recomputed + per_token_head)
+    return tokens * (llama.num_layers * kept + recomputed) + head_tokens * per_token_head
 
 
 def _steps_for(cfg):
