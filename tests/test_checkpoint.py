@@ -559,12 +559,14 @@ def test_claim_run_dir_is_reentrant_and_releases(tmp_path):
 
 @pytest.mark.parametrize("bad", ["garbage", "other-config", "binary", "empty"])
 def test_a_stage_of_another_or_unreadable_fingerprint_is_moved_aside_never_deleted(tmp_path, built, bad):
+    """The stage's records (its step checkpoints) were written under another configuration ("fp-other"),
+    so whatever the fingerprint file holds, the directory is not this run's."""
     state = fresh_state(built)
     stage = str(tmp_path / "finetune" / "tag")
-    assert rundir.claim_stage_dir(stage, "fp-current") is False  # fresh
-    with StageStore(stage, checkpoint_every=5, fingerprint="fp-current") as store:
+    assert rundir.claim_stage_dir(stage, "fp-other") is False  # fresh
+    with StageStore(stage, checkpoint_every=5, fingerprint="fp-other") as store:
         save_two(store, state)
-    assert rundir.claim_stage_dir(stage, "fp-current") is True  # ours: reuse / resume
+    assert rundir.claim_stage_dir(stage, "fp-other") is True  # ours: reuse / resume
     fp_file = os.path.join(stage, rundir.FINGERPRINT)
     content = {"garbage": b"\x00garbage\n", "other-config": b"fp-other", "binary": b"\xff\xfe\x80", "empty": b""}[bad]
     open(fp_file, "wb").write(content)
@@ -578,9 +580,60 @@ def test_a_stage_of_another_or_unreadable_fingerprint_is_moved_aside_never_delet
     note = open(os.path.join(old, rundir.NOTE)).read()
     assert "Nothing in this directory was reused" in note
     assert os.listdir(stage) == [rundir.FINGERPRINT] and open(fp_file).read() == "fp-current"
-    with StageStore(old, checkpoint_every=5, fingerprint="fp-current") as store:  # still restorable
+    with StageStore(old, checkpoint_every=5, fingerprint="fp-other") as store:  # still restorable
         _, record = store.restore_latest(state)
     assert record["step"] == 10
+
+
+@pytest.mark.parametrize("bad", ["garbage", "binary", "empty", "missing", "another-value"])
+def test_a_damaged_fingerprint_file_is_repaired_from_the_stages_records(tmp_path, built, bad):
+    """Issue 29 item 2: only the fingerprint file is damaged; every step checkpoint says it was written under
+    this configuration, so the file is rewritten with a warning and the stage resumes from step 10."""
+    state = fresh_state(built)
+    stage = str(tmp_path / "finetune" / "tag")
+    assert rundir.claim_stage_dir(stage, "fp-current") is False
+    with StageStore(stage, checkpoint_every=5, fingerprint="fp-current") as store:
+        _, b = save_two(store, state)
+    fp_file = os.path.join(stage, rundir.FINGERPRINT)
+    if bad == "missing":
+        os.remove(fp_file)
+    else:
+        open(fp_file, "wb").write({"garbage": b"\x13garbage\xff"[:-1], "binary": b"\x13garbage\xff",
+                                   "empty": b"", "another-value": b"0123456789abcdef"}[bad])
+    with pytest.warns(rundir.FingerprintRepairedWarning) as w:
+        assert rundir.claim_stage_dir(stage, "fp-current") is True
+    msg = str(w[0].message)
+    assert "all 2 record(s)" in msg and "rewrote " + fp_file in msg and "resumes from its last good" in msg
+    assert open(fp_file).read() == "fp-current"
+    assert not [p for p in os.listdir(tmp_path / "finetune") if ".old-" in p]  # nothing moved aside
+    with StageStore(stage, checkpoint_every=5, fingerprint="fp-current") as store:
+        restored, record = store.restore_latest(state)
+    assert record["step"] == 10 and same(restored, b)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert rundir.claim_stage_dir(stage, "fp-current") is True  # repaired: no warning any more
+
+
+def test_a_damaged_fingerprint_file_with_no_or_mixed_records_still_moves_the_stage_aside(tmp_path, built):
+    """Repair needs evidence: a stage with no readable record, or with records of two configurations (a
+    diverged stage adopted under new optimizer settings), is moved aside as before."""
+    state = fresh_state(built)
+    bare = str(tmp_path / "bare")
+    rundir.claim_stage_dir(bare, "fp-current")
+    open(os.path.join(bare, "metrics.jsonl"), "w").write("{}\n")
+    open(os.path.join(bare, rundir.FINGERPRINT), "wb").write(b"\xff")
+    with pytest.warns(rundir.StageMovedAsideWarning):
+        assert rundir.claim_stage_dir(bare, "fp-current") is False
+    mixed = str(tmp_path / "mixed")
+    rundir.claim_stage_dir(mixed, "fp-current")
+    with StageStore(mixed, checkpoint_every=5, fingerprint="fp-old") as store:
+        store.save(5, state, rng=jax.random.key(5))
+    with StageStore(mixed, checkpoint_every=5, fingerprint="fp-current", also_accept=("fp-old",)) as store:
+        store.save(10, state, rng=jax.random.key(10))
+    open(os.path.join(mixed, rundir.FINGERPRINT), "wb").write(b"\xff")
+    assert sorted(rundir.fingerprints_in_records(mixed)) == ["fp-current", "fp-old"]
+    with pytest.warns(rundir.StageMovedAsideWarning):
+        assert rundir.claim_stage_dir(mixed, "fp-current") is False
 
 
 # ----------------------------------------------------------------------------- atomic outputs (issue 15)
