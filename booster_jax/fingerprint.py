@@ -17,6 +17,8 @@ import logging
 import os
 from typing import Mapping
 
+from booster_jax import files
+
 log = logging.getLogger(__name__)
 
 # Weight files up to this size are hashed byte for byte; larger ones are identified by their
@@ -170,9 +172,5 @@ class InputLog:
                         "run again (unless a finished stage with these inputs exists)", stage, ", ".join(changed))
         self.stages[stage] = dict(parts)
         if self.write:
-            os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-            tmp = f"{self.path}.tmp"
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(self.stages, f, indent=1, sort_keys=True)
-            os.replace(tmp, self.path)
+            files.write_json_atomic(self.path, self.stages)
         return changed

@@ -74,7 +74,7 @@ def _json_default(o):
 
 
 def _jsonable(obj: Any) -> Any:
-    return json.loads(json.dumps(obj, default=_json_default))
+    return json.loads(files.dumps(obj, default=_json_default))  # strict: a NaN is stored as null
 
 
 def rng_to_json(key) -> dict:
