@@ -130,3 +130,21 @@ def test_alpaca_task_writes_alpaca_eval_json(world, tmp_path):
     assert cli.main(args) == 0 and cli.main(["report", *args]) == 0
     assert json.load(open(out / "summaries.json"))["runs"] == [run]
 
+
+def test_plan_runs_before_the_data_files_exist_and_training_still_needs_them(tmp_path, capsys):
+    """Issue 29 item 4: how much memory the 7B run needs is asked before downloading BeaverTails and SST2.
+    The plan reads no rows: it runs and names the missing files in notes; a training run still refuses."""
+    paper = os.path.join(os.path.dirname(__file__), "..", "configs", "paper", "sst2_booster.yaml")
+    files = {k: f"{tmp_path}/not-downloaded/{k}.json" for k in ("alignment_file", "task_file", "task_eval_file",
+                                                                "eval_harmful_file")}
+    args = [paper, *(f"data.{k}={v}" for k, v in files.items()), f"run.output_dir={tmp_path}/run",
+            "plan.devices=8", "plan.device_memory_gb=80", "plan.compile=false"]
+    assert cli.main(["plan", *args]) == 0
+    captured = capsys.readouterr()
+    assert "fits in 80 GB" in captured.out and "error" not in captured.err
+    for k, v in files.items():
+        assert f"note: data.{k}: no such file: {v} (the plan reads no data; a training run needs it)" in captured.out
+    assert cli.main(["align", *args]) == 2
+    err = capsys.readouterr().err
+    assert "4 problems" in err and all(f"data.{k}: no such file: {v}" in err for k, v in files.items())
+    assert not os.path.exists(f"{tmp_path}/run")
