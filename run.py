@@ -53,9 +53,7 @@ def parse_args(argv):
         p.error(f"unknown command {rest[0]!r}{hint}; commands: {', '.join(COMMANDS)}")
     command = rest.pop(0) if rest and rest[0] in COMMANDS else "all"
     config = rest.pop(0) if rest and "=" not in rest[0] else DEFAULT_CONFIG
-    bad = [a for a in rest if "=" not in a]
-    if bad:
-        p.error(f"expected key=value overrides after the config, got {bad}")
+    # a malformed override is left to load_config, which lists it with every other config problem
     return command, config, rest, ns
 
 
