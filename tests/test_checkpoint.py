@@ -240,7 +240,9 @@ def test_a_failed_checkpoint_write_or_read_prints_one_line_through_interpreter_e
     if floods:
         control = run_failure_worker(scenario, tmp_path / "unguarded", "--unguarded")
         assert control.returncode == 0, control.stderr[-3000:]
-        assert control.stderr.count("Traceback") >= 5, control.stderr[-3000:]
+        # a failed write: at least Orbax's two worker threads log it with a traceback (more when the failure
+        # hits array data rather than the first metadata write); a failed read: a traceback per abandoned read
+        assert control.stderr.count("Traceback") >= (2 if scenario in ("save", "final") else 5), control.stderr[:3000]
         if scenario in ("restore", "fallback", "load_final"):  # the shutdown-time flood
             assert control.stderr.count("Exception ignored in: <coroutine object _read_array_index_and_device_put"
                                         ) >= 5, control.stderr[-3000:]
