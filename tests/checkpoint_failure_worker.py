@@ -19,20 +19,28 @@ Two conditions are made deterministic, because the noise they cause is a race ot
 
 from __future__ import annotations
 
-import argparse
-import glob
-import os
-import resource
-import signal
-import sys
-import threading
-import warnings
+import logging
 
-import jax.numpy as jnp
-import numpy as np
+# logging as run.py sets it up, before JAX, Orbax and absl are imported (the "absl" logger is then a plain
+# logging.Logger, and its records name absl's file, not Orbax's, as their caller)
+logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+for _noisy in ("absl", "jax._src", "orbax"):
+    logging.getLogger(_noisy).setLevel(logging.WARNING)
 
-from booster_jax.train import checkpoint as ckpt
-from booster_jax.train import orbax_noise
+import argparse  # noqa: E402
+import glob  # noqa: E402
+import os  # noqa: E402
+import resource  # noqa: E402
+import signal  # noqa: E402
+import sys  # noqa: E402
+import threading  # noqa: E402
+import warnings  # noqa: E402
+
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from booster_jax.train import checkpoint as ckpt  # noqa: E402
+from booster_jax.train import orbax_noise  # noqa: E402
 
 SCENARIOS = ("save", "final", "restore", "fallback", "verify", "load_final")
 _timers: list[threading.Timer] = []

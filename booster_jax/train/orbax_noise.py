@@ -105,7 +105,10 @@ def is_noise_record(record: logging.LogRecord) -> bool:
             return False
         exc = record.exc_info[1] if record.exc_info else None
         return ORBAX_DIR in text or _through_orbax(exc) or _tensorstore_error(exc)
-    return record.pathname.startswith(ORBAX_DIR) and any(m in record.getMessage() for m in _ORBAX_HANDED_ON)
+    # the caller's file is Orbax's only when absl's logger class made the "absl" logger (not when run.py
+    # configured that logger first); the logged exception's traceback runs through Orbax either way
+    orbax = record.pathname.startswith(ORBAX_DIR) or _through_orbax(record.exc_info[1] if record.exc_info else None)
+    return orbax and any(m in record.getMessage() for m in _ORBAX_HANDED_ON)
 
 
 class _DropNoise(logging.Filter):
