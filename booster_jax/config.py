@@ -632,33 +632,40 @@ def _merge(base: dict, over: Mapping) -> dict:
     return out
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """yaml.safe_load that refuses a key given twice in one mapping (PyYAML keeps the last, silently)."""
+def _repeated_keys(node, prefix: str = "") -> list[tuple[str, int, int]]:
+    """(dotted path, first line, repeated line) of every key given twice in one mapping, at any depth
+    (PyYAML keeps the last value silently). Lines are 1-based."""
+    found = []
+    if isinstance(node, yaml.MappingNode):
+        first: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+            path = f"{prefix}.{key}" if prefix and key is not None else (key or prefix)
+            if key is not None and key != "<<":
+                line = key_node.start_mark.line + 1
+                if key in first:
+                    found.append((path, first[key], line))
+                else:
+                    first[key] = line
+            found += _repeated_keys(value_node, path)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            found += _repeated_keys(item, f"{prefix}[{i}]")
+    return found
 
-    def construct_mapping(self, node, deep=False):
-        seen = {}
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            try:
-                hash(key)
-            except TypeError:
-                continue  # PyYAML reports unhashable keys itself
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"key {key!r} appears twice in the same mapping (first on line {seen[key] + 1}); "
-                                "remove one", key_node.start_mark)
-            seen[key] = key_node.start_mark.line
-        return super().construct_mapping(node, deep=deep)
 
-
-def _read_yaml(path: str, seen: tuple[str, ...] = ()) -> dict:
-    """A YAML mapping with its `base:` chain merged underneath it."""
+def _read_yaml(path: str, probs: _Problems, seen: tuple[str, ...] = ()) -> dict:
+    """A YAML mapping with its `base:` chain merged underneath it. A key given twice in one mapping is a
+    problem added to ``probs`` (named by its dotted path, file and lines), reported with all the others."""
     real = os.path.realpath(path)
     if real in seen:
         raise BoosterInputError(f"{path}: 'base' chain loops back to itself")
     try:
         with open(path, encoding="utf-8") as fh:
-            data = yaml.load(fh, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+            text = fh.read()
+        for key, first, again in _repeated_keys(yaml.compose(text, Loader=yaml.SafeLoader)):
+            probs.add(key, f"given twice in {path} (line {first} and line {again}); remove one")
+        data = yaml.safe_load(text)
     except OSError as e:
         raise BoosterInputError(f"{path}: cannot read config file ({e.strerror})") from None
     except UnicodeDecodeError as e:
@@ -676,7 +683,7 @@ def _read_yaml(path: str, seen: tuple[str, ...] = ()) -> dict:
     if not isinstance(base, str):
         raise BoosterInputError(f"{path}: 'base' must be a file name, got {base!r}")
     base_path = os.path.join(os.path.dirname(path), base)
-    return _merge(_read_yaml(base_path, seen + (real,)), data)
+    return _merge(_read_yaml(base_path, probs, seen + (real,)), data)
 
 
 def _plugins_relative_to(data: dict, path: str) -> None:
@@ -695,6 +702,9 @@ def parse_override(text: str) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
         raise BoosterInputError(f"override {text!r}: expected key=value, e.g. align.booster.lam=1")
+    if not all(part.strip() for part in key.strip().split(".")):
+        raise BoosterInputError(f"override {text!r}: the key {key.strip()!r} has an empty part; expected dotted "
+                                "names, e.g. align.booster.lam=1")
     if not value.strip():
         return key.strip(), ""
     try:
@@ -710,8 +720,8 @@ def load_config(path: str | None = None, overrides: Sequence[str] = (),
     ``extra_checks(cfg) -> [(key, problem)]``: further checks (data files, mesh) run even when values
     are bad (on a config where those fell back to their defaults), so every problem is reported at once.
     """
-    raw = _read_yaml(path) if path else {}
     probs = _Problems()
+    raw = _read_yaml(path, probs) if path else {}
     for text in overrides:
         try:
             _set_path(raw, *parse_override(text), probs)

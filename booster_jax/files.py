@@ -4,14 +4,20 @@ line by line with fsync and read back tolerating a torn last line.
 Why: a run can be killed (or the disk fill) at any byte. A reader must then see the old file or the
 whole new one (temp file + fsync + rename), and a per-step log loses at most its last, partial line,
 which the next run drops before appending.
+
+Every JSON written here is strict JSON (``dumps``): a NaN or infinity -- a metric with nothing to
+measure -- is written as ``null``, since ``jq``, JavaScript and most parsers reject Python's ``NaN``.
+Readers that compute with such a field turn it back with ``nan_for_null``.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import os
 import warnings
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 
 def _fsync_dir(path: str) -> None:
@@ -42,18 +48,45 @@ def write_text_atomic(path: str, text: str) -> None:
     _fsync_dir(path)
 
 
+def finite(obj: Any) -> Any:
+    """``obj`` with every non-finite number (NaN, +-inf, numpy's too) replaced by None, recursively."""
+    if isinstance(obj, numbers.Real) and not isinstance(obj, numbers.Integral):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
+
+
+def dumps(obj: Any, indent: int | None = None, sort_keys: bool = True, default: Callable | None = None,
+          **kw) -> str:
+    """Strict JSON: non-finite numbers become null (also those ``default`` returns); never ``NaN``."""
+    strict_default = None if default is None else (lambda o: finite(default(o)))
+    return json.dumps(finite(obj), indent=indent, sort_keys=sort_keys, default=strict_default, allow_nan=False, **kw)
+
+
+def nan_for_null(record: Mapping, keys: Iterable[str]) -> dict:
+    """A copy of ``record`` with the named fields that are null read back as NaN (for code computing with them)."""
+    out = dict(record)
+    for k in keys:
+        if k in out and out[k] is None:
+            out[k] = float("nan")
+    return out
+
+
 def write_json_atomic(path: str, obj: Any, indent: int | None = 1, default: Callable | None = None) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=indent, sort_keys=True, default=default) + "\n")
+    write_text_atomic(path, dumps(obj, indent=indent, default=default) + "\n")
 
 
 def write_jsonl_atomic(path: str, rows: Iterable[Any]) -> None:
-    write_text_atomic(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+    write_text_atomic(path, "".join(dumps(r) + "\n" for r in rows))
 
 
 def append_jsonl(path: str, row: Any) -> None:
     """One line appended and fsynced: a crash can tear only this line (``read_jsonl`` drops it)."""
     with open(path, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(row, sort_keys=True) + "\n")
+        fh.write(dumps(row) + "\n")
         fh.flush()
         os.fsync(fh.fileno())
 

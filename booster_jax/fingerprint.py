@@ -17,6 +17,7 @@ import logging
 import os
 from typing import Mapping
 
+from booster_jax import files
 from booster_jax.config import Config, config_fingerprint
 
 log = logging.getLogger(__name__)
@@ -182,9 +183,5 @@ class InputLog:
                         "run again (unless a finished stage with these inputs exists)", stage, ", ".join(changed))
         self.stages[stage] = dict(parts)
         if self.write:
-            os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-            tmp = f"{self.path}.tmp"
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(self.stages, f, indent=1, sort_keys=True)
-            os.replace(tmp, self.path)
+            files.write_json_atomic(self.path, self.stages)
         return changed

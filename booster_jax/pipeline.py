@@ -130,9 +130,29 @@ def _run_pipeline(cfg: Config, only: str | None, progress: bool) -> list[dict]:
                 "warnings": (base_eval or {}).get("warnings", []) + before.get("warnings", [])
                 + after.get("warnings", []),
             })
+            summaries[-1]["missing"] = _missing(summaries[-1], before, after)
     if summaries and jax.process_index() == 0:
         files.write_json_atomic(os.path.join(out, "summaries.json"), {"base": base_eval, "runs": summaries}, indent=2)
     return summaries
+
+
+# a run summary's numbers -> (which evaluation, which of its fields) they come from
+RUN_NUMBERS = {"hs_before": ("before", "hs"), "hs_after": ("after", "hs"), "fa": ("after", "fa"),
+               "fa_before": ("before", "fa"), "refused_before": ("before", "refused_benign"),
+               "refused_after": ("after", "refused_benign")}
+
+
+def _missing(run: dict, before: dict, after: dict) -> dict[str, str]:
+    """Why each of the run summary's numbers that is NaN / None (null in summaries.json) is missing, from
+    the evaluation it comes from (``evaluate.missing_reasons``)."""
+    evals = {"before": before, "after": after}
+    out = {}
+    for key, (which, field) in RUN_NUMBERS.items():
+        value = run.get(key)
+        if value is None or value != value:
+            why = (evals[which].get("missing") or {}).get(field, "not recorded by its evaluation")
+            out[key] = f"{why} (the evaluation {which} the attack, its {field!r})"
+    return out
 
 
 def _keep_aside_if_changed(path: str, write) -> None:
@@ -195,4 +215,4 @@ def load_summaries(out_dir: str) -> list[dict]:
     if not isinstance(data, dict) or not isinstance(data.get("runs"), list):
         raise BoosterInputError(f"{path}: unreadable ({why or 'no list of runs'}); run the pipeline again "
                                 "(python run.py CONFIG): it rebuilds the file from the finished evaluations")
-    return data["runs"]
+    return [files.nan_for_null(r, RUN_NUMBERS) if isinstance(r, dict) else r for r in data["runs"]]

@@ -395,8 +395,9 @@ def _gb(n: float) -> str:
     return f"{n / GB:8.2f} GB"
 
 
-def print_plan(cfg) -> dict:
-    """Print the plan for ``cfg`` (only process 0 prints) and return it."""
+def print_plan(cfg, notes=()) -> dict:
+    """Print the plan for ``cfg`` (only process 0 prints) and return it; ``notes``: lines said at the end
+    (e.g. the data files a training run will need but that are not there yet)."""
     p = make_plan(cfg)
     if jax.process_index() != 0:
         return p
@@ -461,5 +462,8 @@ def print_plan(cfg) -> dict:
                      "XLA_PYTHON_CLIENT_MEM_FRACTION is raised)")
     if p["compile_note"]:
         lines.append(f"\n({p['compile_note']}; the numbers above are the eval_shape sizes and the estimate)")
+    if notes:
+        lines.append("")
+        lines += [f"note: {n}" for n in notes]
     print("\n".join(lines))
     return p

@@ -9,7 +9,9 @@
 - ``claim_stage_dir``: the one fingerprint check of a stage (training or evaluation). The stage
   directory records the fingerprint of what it was made from; same -> reused/resumed; different or
   unreadable -> the old directory is moved aside (``<dir>.old-<utc>`` with a NOTE) and the stage
-  runs into a fresh one. Nothing is ever reused under another configuration or silently deleted.
+  runs into a fresh one, unless every record the stage wrote names this fingerprint (then only the
+  file was damaged: it is rewritten, with a warning). Nothing is ever reused under another
+  configuration or silently deleted.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import datetime
 import errno
 import glob
+import json
 import logging
 import os
 import socket
@@ -52,6 +55,10 @@ class RunLockedError(BoosterInputError):
 
 class StageMovedAsideWarning(UserWarning):
     """A stage directory of another configuration (or unreadable) was moved aside, not reused."""
+
+
+class FingerprintRepairedWarning(UserWarning):
+    """A stage's damaged fingerprint file was rewritten from its records, which all name this configuration."""
 
 
 def _utc_stamp() -> str:
@@ -318,11 +325,50 @@ def recorded_fingerprint(stage_dir: str) -> tuple[str | None, str | None]:
     return None, f"{stage_dir} holds files but no {FINGERPRINT} file"
 
 
+def fingerprints_in_records(stage_dir: str) -> list[str]:
+    """The fingerprints the stage's own records were written under, one per readable record: DONE, each
+    step checkpoint's JSON item, an evaluation's summary.json and its generation log's header line.
+    Unreadable records are left out (the stage store and the evaluation judge those themselves)."""
+    found = []
+    paths = [os.path.join(stage_dir, "DONE"), os.path.join(stage_dir, "summary.json")]
+    paths += sorted(glob.glob(os.path.join(stage_dir, "steps", "*", "info", "metadata")))
+    for path in paths:
+        if ".orbax-checkpoint-tmp" in path:
+            continue
+        record, _ = files.read_json(path)
+        if isinstance(record, dict) and record.get("fingerprint"):
+            found.append(str(record["fingerprint"]))
+    try:
+        with open(os.path.join(stage_dir, "generations.jsonl"), encoding="utf-8") as fh:
+            header = json.loads(fh.readline())
+        if isinstance(header, dict) and header.get("fingerprint"):
+            found.append(str(header["fingerprint"]))
+    except (OSError, ValueError):
+        pass
+    return found
+
+
 def claim_stage_dir(stage_dir: str, fingerprint: str) -> bool:
     """The one fingerprint check of a stage. True: the directory is this configuration's (reuse or
-    resume it). False: it is fresh -- any other content was moved aside with a NOTE and a warning."""
+    resume it). False: it is fresh -- any other content was moved aside with a NOTE and a warning.
+
+    A fingerprint file that disagrees (damaged, or of another configuration) while every record the
+    stage wrote (``fingerprints_in_records``, at least one) names ``fingerprint``: the file is the one
+    thing wrong, so it is rewritten with a warning and the stage resumes from its last good checkpoint."""
     found, problem = recorded_fingerprint(stage_dir)
     if found == fingerprint:
+        return True
+    records = fingerprints_in_records(stage_dir) if found is not None or problem is not None else []
+    if records and set(records) == {fingerprint}:
+        path = os.path.join(stage_dir, FINGERPRINT)
+        was = problem or f"{path} says {found[:40]!r}"
+        if _process_index() == 0:
+            files.write_text_atomic(path, fingerprint)
+        warnings.warn(f"{stage_dir}: {was}, but all {len(records)} record(s) the stage wrote (DONE, step "
+                      f"checkpoints, evaluation summary) name this configuration's fingerprint {fingerprint[:16]}...; "
+                      f"rewrote {path} and reusing the stage (it resumes from its last good checkpoint)",
+                      FingerprintRepairedWarning, stacklevel=2)
+        barrier(f"booster_repair_fingerprint_{os.path.basename(stage_dir)}")
         return True
     if found is not None or problem is not None:
         why = (f"it holds a run of another configuration (fingerprint {found[:16]}..., this run has "
@@ -372,5 +418,5 @@ def dir_size(path: str) -> int:
     return total
 
 
-__all__ = ["RunLock", "RunLockedError", "StageMovedAsideWarning", "check_output_dir", "claim_run_dir",
-           "claim_stage_dir", "recorded_fingerprint"]
+__all__ = ["FingerprintRepairedWarning", "RunLock", "RunLockedError", "StageMovedAsideWarning", "check_output_dir",
+           "claim_run_dir", "claim_stage_dir", "fingerprints_in_records", "recorded_fingerprint"]

@@ -156,3 +156,39 @@ def test_file_errors(tmp_path):
         load_config(_write(tmp_path / "broken.yaml", "a: [1,\n"), [])
     with pytest.raises(BoosterInputError, match="top level"):
         load_config(_write(tmp_path / "list.yaml", "- 1\n"), [])
+
+
+def test_repeated_keys_are_named_by_their_path_file_and_lines_all_at_once(tmp_path):
+    """Issue 29 item 5: a key given twice inside a nested mapping is named by its dotted path (lora.r, not 'r'),
+    with the file and both lines, and every repeat is listed together with the config's other problems."""
+    base = _write(tmp_path / "base.yaml", "run:\n  seed: 1\n  seed: 2\n")
+    child = _write(tmp_path / "c.yaml", "base: base.yaml\nlora:\n  r: 8\n  alpha: 16\n  r: 4\n"
+                                        "align:\n  booster:\n    lam: 1\n    lam: 2\n  method: boster\n"
+                                        "grid:\n  variants:\n    a: {align.method: sft, align.method: booster}\n")
+    with pytest.raises(BoosterInputError) as ei:
+        load_config(child, ["lora.alpha=x"])
+    msg = str(ei.value)
+    assert "6 problems" in msg.splitlines()[0]
+    assert f"  lora.r: given twice in {child} (line 3 and line 5); remove one" in msg
+    assert f"  align.booster.lam: given twice in {child} (line 8 and line 9)" in msg
+    assert f"  grid.variants.a.align.method: given twice in {child} (line 13 and line 13)" in msg
+    assert f"  run.seed: given twice in {base} (line 2 and line 3)" in msg
+    assert "align.method: expected one of" in msg and "lora.alpha: expected float, got 'x'" in msg
+    assert "  r:" not in msg and "'r'" not in msg
+
+
+def test_every_malformed_override_on_the_command_line_is_listed(capsys):
+    """Issue 29 item 5: two (here four) malformed overrides are all listed, with the config's other problems,
+    in the one error the rest of the config errors use -- not an argparse usage line naming one of them."""
+    import os
+
+    import run as cli
+
+    smoke = os.path.join(os.path.dirname(__file__), "..", "configs", "synthetic", "smoke.yaml")
+    assert cli.main(["plan", smoke, "=1", "noequals", "lora..r=3", "lora.alpha=x", "data.n_eval_task=-1"]) == 2
+    err = capsys.readouterr().err
+    assert "5 problems" in err and "usage:" not in err
+    for piece in ("override '=1': expected key=value", "override 'noequals': expected key=value",
+                  "override 'lora..r=3': the key 'lora..r' has an empty part", "lora.alpha: expected float",
+                  "data.n_eval_task:"):
+        assert piece in err, piece

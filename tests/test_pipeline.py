@@ -72,12 +72,79 @@ def test_missing_config_file(capsys):
     assert "no/such.yaml: no such config file" in capsys.readouterr().err
 
 
+def parse_every_json_file(root) -> set[str]:
+    """Every file under ``root`` that Python's lenient parser reads as JSON (or, for *.jsonl, line by line)
+    must also parse strictly: no NaN / Infinity, which jq, JavaScript and most parsers reject. Returns the
+    relative paths checked."""
+    def strict(text):
+        return json.loads(text, parse_constant=lambda name: (_ for _ in ()).throw(ValueError(f"{name} in JSON")))
+
+    checked = set()
+    for dirpath, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(dirpath, name)
+            try:
+                text = open(path, encoding="utf-8").read()
+            except (UnicodeDecodeError, OSError):
+                continue
+            docs = [line for line in text.splitlines() if line.strip()] if name.endswith(".jsonl") else [text]
+            try:
+                [json.loads(d) for d in docs]
+            except ValueError:
+                continue  # not JSON (a config, a report, a binary chunk)
+            rel = os.path.relpath(path, root)
+            for d in docs:
+                try:
+                    strict(d)
+                except ValueError as e:
+                    raise AssertionError(f"{rel}: not strict JSON ({e})") from None
+            checked.add(rel)
+    return checked
+
+
 def test_alpaca_task_writes_alpaca_eval_json(world, tmp_path):
-    """An instruction-following task is not scored here: its generations go to alpaca_eval's JSON."""
+    """An instruction-following task is not scored here: its generations go to alpaca_eval's JSON, and FA,
+    which cannot be measured, is null (strict JSON; issue 29 item 3) with the reason in the files and report."""
     out = tmp_path / "run"
     benign = os.path.join(world, "benign", "instructions.json")
-    assert cli.main([SMOKE, f"world.dir={world}", f"run.output_dir={out}", "--no-progress", "data.task=alpaca",
-                     f"data.task_file={benign}", f"data.task_eval_file={benign}", "data.n_eval_task=5",
-                     "grid.variants={sft: {align.method: sft}}", "grid.harmful_ratios=[0.1]"]) == 0
+    args = [SMOKE, f"world.dir={world}", f"run.output_dir={out}", "--no-progress", "data.task=alpaca",
+            f"data.task_file={benign}", f"data.task_eval_file={benign}", "data.n_eval_task=5",
+            "grid.variants={sft: {align.method: sft}}", "grid.harmful_ratios=[0.1]"]
+    assert cli.main(args) == 0
     rows = json.load(open(out / "eval" / "sft-s0-p0.1" / "alpaca_eval_outputs.json"))
     assert len(rows) == 5 and {"instruction", "output", "generator"} <= set(rows[0])
+
+    checked = parse_every_json_file(out)
+    for must in ("summaries.json", "inputs.json", "eval/sft-s0-p0.1/summary.json", "eval/base/summary.json",
+                 "eval/sft-s0-p0.1/samples.jsonl", "eval/sft-s0-p0.1/generations.jsonl"):
+        assert must in checked, sorted(checked)
+    assert any(p.endswith("DONE") for p in checked) and any(p.endswith("final/meta.json") for p in checked)
+    summary = json.load(open(out / "eval" / "sft-s0-p0.1" / "summary.json"))
+    assert summary["fa"] is None and summary["no_answer_task"] is None
+    assert "alpaca task is not scored here" in summary["missing"]["fa"] and "hs" not in summary["missing"]
+    (run,) = json.load(open(out / "summaries.json"))["runs"]
+    assert run["fa"] is None and run["hs_after"] is not None and "alpaca task" in run["missing"]["fa"]
+    report = open(out / "report.md").read()
+    assert "## Missing values" in report and "`fa` is missing (null in summaries.json) for sft seed 0 p=0.1" in report
+    # the files are read back: a rerun reuses the evaluations (null -> NaN) and the report command works
+    assert cli.main(args) == 0 and cli.main(["report", *args]) == 0
+    assert json.load(open(out / "summaries.json"))["runs"] == [run]
+
+
+def test_plan_runs_before_the_data_files_exist_and_training_still_needs_them(tmp_path, capsys):
+    """Issue 29 item 4: how much memory the 7B run needs is asked before downloading BeaverTails and SST2.
+    The plan reads no rows: it runs and names the missing files in notes; a training run still refuses."""
+    paper = os.path.join(os.path.dirname(__file__), "..", "configs", "paper", "sst2_booster.yaml")
+    files = {k: f"{tmp_path}/not-downloaded/{k}.json" for k in ("alignment_file", "task_file", "task_eval_file",
+                                                                "eval_harmful_file")}
+    args = [paper, *(f"data.{k}={v}" for k, v in files.items()), f"run.output_dir={tmp_path}/run",
+            "plan.devices=8", "plan.device_memory_gb=80", "plan.compile=false"]
+    assert cli.main(["plan", *args]) == 0
+    captured = capsys.readouterr()
+    assert "fits in 80 GB" in captured.out and "error" not in captured.err
+    for k, v in files.items():
+        assert f"note: data.{k}: no such file: {v} (the plan reads no data; a training run needs it)" in captured.out
+    assert cli.main(["align", *args]) == 2
+    err = capsys.readouterr().err
+    assert "4 problems" in err and all(f"data.{k}: no such file: {v}" in err for k, v in files.items())
+    assert not os.path.exists(f"{tmp_path}/run")

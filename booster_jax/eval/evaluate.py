@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import os
 import warnings
@@ -169,6 +168,7 @@ def evaluate(cfg: Config, base, forward, frozen, lora, out_dir: str, name: str, 
     if rundir.claim_stage_dir(out_dir, fp):  # the one fingerprint check: another config's dir is moved aside
         old, why = files.read_json(summary_path)
         if isinstance(old, dict) and old.get("fingerprint") == fp:
+            old = files.nan_for_null(old, SUMMARY_NUMBERS)  # written as null (strict JSON), computed with as NaN
             log.info("evaluation %s: finished, reusing %s", name, summary_path)
             log_result(name, old, summary_path)
             for w in old.get("warnings", []):
@@ -221,7 +221,8 @@ def evaluate(cfg: Config, base, forward, frozen, lora, out_dir: str, name: str, 
               "categories": v.categories} for ex, out, v in zip(harmful, harm_out, verdicts)]
     rows += [{"kind": "task", "prompt": ex.input or ex.instruction, "response": out, "reference": ex.output,
               "correct": ok} for ex, out, ok in zip(task, task_out, correct)]
-    files.write_text_atomic(os.path.join(out_dir, "samples.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
+    files.write_text_atomic(os.path.join(out_dir, "samples.jsonl"), "".join(files.dumps(r, sort_keys=False) + "\n"
+                                                                             for r in rows))
     summary = {
         "name": name, "judge": judge.name, "task": cfg.data.task,
         "hs": judges_mod.harmful_score(verdicts) if verdicts else float("nan"),
@@ -236,10 +237,36 @@ def evaluate(cfg: Config, base, forward, frozen, lora, out_dir: str, name: str, 
         "warnings": answer_warnings(cfg.data.task, task_out, name) if correct else [],
         "fingerprint": fp,
     }
+    summary["missing"] = missing_reasons(cfg, summary)
     files.write_json_atomic(summary_path, summary, indent=2)  # written last: it marks the evaluation done
     log_result(name, summary, summary_path)
     release_judge(cfg, judge)
     return summary
+
+
+# the summary's numbers; one that could not be measured is NaN here and null in summary.json
+SUMMARY_NUMBERS = ("hs", "hs_plus", "fa", "refused_task", "refused_benign", "task_loss", "harmful_loss",
+                   "no_answer_task")
+
+
+def missing_reasons(cfg: Config, summary: dict) -> dict[str, str]:
+    """Why each summary number that is NaN (null in the JSON) could not be measured, so a reader of the file
+    or the report is not left guessing whether null means zero, an error or nothing to measure."""
+    no_task = ("the alpaca task is not scored here (alpaca_eval judges alpaca_eval_outputs.json)"
+               if cfg.data.task == "alpaca" else "no task examples were evaluated (data.n_eval_task=0)")
+    why = {
+        "hs": "no harmful prompts were evaluated (data.n_eval_harmful=0)",
+        "fa": no_task,
+        "no_answer_task": no_task,
+        "refused_task": "no task answers were generated (data.n_eval_task=0)",
+        "refused_benign": "no benign prompts (data.n_eval_benign=0, or the evaluation file has no safe rows and "
+                          "no data.eval_benign_file is given)",
+        "task_loss": "no task examples with a reference answer",
+        "harmful_loss": f"no harmful row of {cfg.data.eval_harmful_file} has a reference response (a prompts-only "
+                        "file), so there is no held-out harmful loss",
+    }
+    why["hs_plus"] = why["hs"]
+    return {k: why[k] for k in SUMMARY_NUMBERS if not np.isfinite(summary.get(k, np.nan))}
 
 
 def generate_answers(prompts: list[str], max_new_tokens: int, **gen) -> list[str]:

@@ -401,6 +401,18 @@ def _paired_md(runs: list[_Run], pairs, run_dirs, out: Path, suffix: str, label:
     return md
 
 
+def missing_notes(summaries) -> list[str]:
+    """One line per (field, reason) of the numbers the runs could not measure (null in summaries.json, a
+    dash in the table), naming the runs: a reader should not have to guess what the null means."""
+    runs_by_reason: dict[tuple[str, str], list[str]] = {}
+    for s in summaries:
+        for key, why in (s.get("missing") or {}).items():
+            run = f"{s.get('method') or s.get('variant')} seed {s.get('seed', 0)} p={float(s['harmful_ratio']):g}"
+            runs_by_reason.setdefault((key, why), []).append(run)
+    return [f"`{key}` is missing (null in summaries.json) for {', '.join(runs)}: {why}."
+            for (key, why), runs in runs_by_reason.items()]
+
+
 def write_report(summaries, out_dir, paired=None, run_dirs=None) -> Path:
     """Write ``report.md`` and PNG figures into ``out_dir``; return the Markdown path.
 
@@ -417,6 +429,9 @@ def write_report(summaries, out_dir, paired=None, run_dirs=None) -> Path:
     warnings = summary_warnings(summaries)
     if warnings:
         md += ["## WARNINGS", ""] + [f"- **{w}**" for w in warnings] + [""]
+    missing = missing_notes(summaries)
+    if missing:
+        md += ["## Missing values", ""] + [f"- {line}" for line in missing] + [""]
     for gkey, group in stats.items():
         task, judge = gkey
         suffix = "".join(f"_{_slug(t)}" for t in (task, judge) if t) if several else ""

@@ -15,6 +15,8 @@ import os
 import time
 from typing import Callable, Sequence
 
+from booster_jax import files
+
 log = logging.getLogger(__name__)
 
 
@@ -53,11 +55,11 @@ class GenerationLog:
         torn = not fresh and _ends_without_newline(self.path)
         with open(self.path, "a", encoding="utf-8") as f:
             if fresh:
-                f.write(json.dumps({"fingerprint": self.fingerprint}) + "\n")
+                f.write(files.dumps({"fingerprint": self.fingerprint}) + "\n")
             if torn:
                 f.write("\n")  # end the torn line of a killed write, so the next row stands alone
             for j, a in enumerate(answers):
-                f.write(json.dumps({"kind": kind, "i": start + j, "answer": a}) + "\n")
+                f.write(files.dumps({"kind": kind, "i": start + j, "answer": a}, sort_keys=False) + "\n")
             f.flush()
             os.fsync(f.fileno())
         for j, a in enumerate(answers):

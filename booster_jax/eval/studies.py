@@ -22,6 +22,7 @@ import re
 from collections import defaultdict
 from statistics import mean, stdev
 
+from booster_jax import files
 from booster_jax.eval import mechanism, paired
 
 
@@ -86,11 +87,12 @@ def load_runs(run_dirs: list[str]) -> tuple[dict | None, list[dict]]:
         path = os.path.join(d, "summaries.json") if os.path.isdir(d) else d
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path}: no summaries.json (run the grid there first: python run.py CONFIG)")
-        data = json.load(open(path))
-        base = base or data.get("base")
+        data = json.load(open(path))  # unmeasured numbers are null (strict JSON): NaN below, for the maths
+        base = base or (files.nan_for_null(data["base"], ("hs", "fa", "refused_benign")) if data.get("base") else None)
         for r in data["runs"]:
             key = (r["method"], r["seed"], round(float(r["harmful_ratio"]), 9))
-            numbers = tuple(r.get(k) for k in ("hs_before", "hs_after", "fa"))
+            numbers = tuple(r.get(k) for k in ("hs_before", "hs_after", "fa"))  # None == None, unlike NaN
+            r = files.nan_for_null(r, ("hs_before", "hs_after", "fa", "fa_before", "refused_before", "refused_after"))
             if key in seen:
                 if seen[key][1] != numbers:
                     raise ValueError(f"{path} and {seen[key][0]} both hold {key[0]} seed {key[1]} p = {key[2]:g} "

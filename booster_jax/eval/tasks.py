@@ -245,5 +245,5 @@ def write_alpaca_eval_json(
     if not rows:
         raise BoosterInputError("write_alpaca_eval_json: no records to write")
     out = Path(path)
-    files.write_text_atomic(str(out), json.dumps(rows, indent=4, ensure_ascii=False))
+    files.write_text_atomic(str(out), files.dumps(rows, indent=4, sort_keys=False, ensure_ascii=False))
     return out

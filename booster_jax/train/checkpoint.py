@@ -24,10 +24,8 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
-import logging
 import os
 import shutil
-import sys
 import time
 import warnings
 from typing import Any, Mapping
@@ -39,6 +37,7 @@ import orbax.checkpoint as ocp
 
 from booster_jax import files
 from booster_jax.errors import BoosterInputError
+from booster_jax.train import orbax_noise
 
 FORMAT_VERSION = 1
 TMP_SUFFIX = ".orbax-checkpoint-tmp"  # Orbax's unfinished-save directory suffix
@@ -75,7 +74,7 @@ def _json_default(o):
 
 
 def _jsonable(obj: Any) -> Any:
-    return json.loads(json.dumps(obj, default=_json_default))
+    return json.loads(files.dumps(obj, default=_json_default))  # strict: a NaN is stored as null
 
 
 def rng_to_json(key) -> dict:
@@ -150,46 +149,6 @@ class _Corrupt(Exception):
     pass
 
 
-class _UnretrievedRestoreErrors(logging.Filter):
-    """Drops asyncio's "Task/Future exception was never retrieved" records for Orbax's array reads: after
-    the first read of a damaged checkpoint fails, the reads still pending fail too and nobody awaits them."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        text = record.getMessage()
-        unretrieved = text.startswith(("Task exception was never retrieved", "Future exception was never retrieved"))
-        return not (unretrieved and ("async_deserialize" in text or "tensorstore_spec" in text))
-
-
-def _ignore_closed_loop_callbacks() -> None:
-    """After a failed restore, TensorStore's pending reads finish on Orbax's already closed event loop
-    and each prints a ``RuntimeError: Event loop is closed`` traceback (through ``sys.excepthook`` or
-    the unraisable hook; hundreds for one damaged checkpoint), and asyncio logs each unawaited failed
-    read. They say nothing beyond the restore error itself, so from the first restore on, those two
-    hooks drop exactly that error and the asyncio logger those records. Installed before a restore
-    starts, not after it fails: the callbacks race with the failure reaching us."""
-    if getattr(sys.excepthook, "_booster_quiet", False):
-        return
-    asyncio_log = logging.getLogger("asyncio")
-    if not any(isinstance(f, _UnretrievedRestoreErrors) for f in asyncio_log.filters):  # hooks replaced since
-        asyncio_log.addFilter(_UnretrievedRestoreErrors())
-
-    def closed_loop(exc) -> bool:
-        return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
-
-    excepthook, unraisablehook = sys.excepthook, sys.unraisablehook
-
-    def quiet_excepthook(tp, value, tb):
-        if not closed_loop(value):
-            excepthook(tp, value, tb)
-
-    def quiet_unraisablehook(unraisable):
-        if not closed_loop(unraisable.exc_value):
-            unraisablehook(unraisable)
-
-    quiet_excepthook._booster_quiet = True
-    sys.excepthook, sys.unraisablehook = quiet_excepthook, quiet_unraisablehook
-
-
 # ---------------------------------------------------------------- the store
 
 class StageStore:
@@ -217,6 +176,7 @@ class StageStore:
         self.also_accept = tuple(also_accept)  # older fingerprints whose checkpoints may be resumed
         self.async_save = bool(async_save)
         self._mngr: ocp.CheckpointManager | None = None
+        orbax_noise.install()  # before any write or read: a failed one's echoes race with its error reaching us
 
     @classmethod
     def from_run_config(cls, stage_dir: str, run_cfg, **kw) -> "StageStore":
@@ -351,7 +311,6 @@ class StageStore:
             f"{self.steps_dir} and rerun, which resumes from them.")
 
     def _restore_step(self, step: int, abstract) -> tuple[Any, dict]:
-        _ignore_closed_loop_callbacks()
         try:
             record = self.manager.restore(step, args=ocp.args.Composite(**{self.INFO: ocp.args.JsonRestore()}))[
                 self.INFO]
