@@ -111,6 +111,23 @@ def read_jsonl(path: str) -> list[Any]:
     return rows
 
 
+def read_jsonl_strict(path: str) -> list[tuple[int, Any]]:
+    """(line number, object) for each non-empty line of a JSONL input (samples, labels): unlike a log, a line
+    that is not JSON is an error naming the file and the line, not something to drop."""
+    from booster_jax.errors import BoosterInputError
+
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append((n, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise BoosterInputError(f"{path} line {n}: not JSON ({e.msg})") from None
+    return rows
+
+
 def trim_jsonl(path: str, keep: Callable[[Any], bool]) -> None:
     """Rewrite a JSONL log atomically with only the rows ``keep`` accepts (and no torn line)."""
     if os.path.exists(path):

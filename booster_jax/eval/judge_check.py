@@ -26,6 +26,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from booster_jax import files
 from booster_jax.errors import BoosterInputError
 from booster_jax.eval import layout, paired
 from booster_jax.eval.judges import KeywordRefusalJudge
@@ -123,18 +124,10 @@ def write_sample(out_dir: str, to_label: list[dict], key_rows: list[dict]) -> tu
 def _read_jsonl(path: str) -> list[dict]:
     if not os.path.exists(path):
         raise BoosterInputError(f"{path}: no such file")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise BoosterInputError(f"{path} line {n}: not JSON ({e.msg})") from None
-            if not isinstance(row, dict) or "id" not in row:
-                raise BoosterInputError(f"{path} line {n}: expected an object with an 'id'")
-            rows.append((n, row))
+    rows = files.read_jsonl_strict(path)
+    for n, row in rows:
+        if not isinstance(row, dict) or "id" not in row:
+            raise BoosterInputError(f"{path} line {n}: expected an object with an 'id'")
     return rows
 
 

@@ -20,7 +20,6 @@ directories' ``samples.jsonl`` (``<run dir>/eval/<variant>-s<seed>-p<ratio>/``, 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -28,6 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from booster_jax import files
 from booster_jax.errors import BoosterInputError
 
 N_RESAMPLES = 10_000
@@ -127,18 +127,7 @@ def samples_path(run_dir: str, method: str, seed, ratio: float) -> str:
 
 def read_rows(path: str, kind: str) -> list[dict]:
     """The rows of ``kind`` ("harmful", "benign", "task") of a samples.jsonl, in file order."""
-    rows = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise BoosterInputError(f"{path} line {n}: not JSON ({e.msg})") from None
-            if row.get("kind") == kind:
-                rows.append(row)
-    return rows
+    return [row for _, row in files.read_jsonl_strict(path) if row.get("kind") == kind]
 
 
 def read_verdicts(path: str, kind: str, key: str) -> tuple[list[str], list[float]] | None:
