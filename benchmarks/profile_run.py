@@ -156,6 +156,9 @@ def main(argv=None) -> int:
 
     install(profile)
     out = ns.keep or tempfile.mkdtemp(prefix="profile-run-")
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", os.path.join(out, "run", ".jax_cache"))  # as run.py does
     cfg = load_config(ns.config, list(ns.overrides) + [f"run.output_dir={out}/run", f"run.cache_dir={out}/cache"])
     from booster_jax.train.pretrain import resolve
 
