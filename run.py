@@ -189,6 +189,7 @@ def _run(command: str, cfg, progress: bool, options=None) -> int:
     from booster_jax.train import pretrain
 
     if command == "plan":
+        from booster_jax.data.synthetic import embedded
         from booster_jax.plan import print_plan
 
         print_plan(cfg, notes=[f"{key}: {problem} (the plan reads no data; a training run needs it)"

@@ -61,7 +61,7 @@ def test_the_example_runs_end_to_end_and_an_edit_reruns_only_its_stages(world, t
     runs = json.load(open(out / "summaries.json"))["runs"]
     assert {(r["method"], r["harmful_ratio"]) for r in runs} == {("sft", 0.1), ("booster", 0.1),
                                                                  ("per_tensor_booster", 0.1)}
-    align_dirs = aligned_by_method(out)
+    align_dirs = {m: only(d) for m, d in aligned_by_method(out).items()}
     rows = [json.loads(l) for l in open(align_dirs["per_tensor_booster"] / "metrics.jsonl")]
     assert any(r.get("harmful_loss_perturbed", 0) > 0 for r in rows)  # the plugin's own metrics reach the log
 
@@ -72,9 +72,11 @@ def test_the_example_runs_end_to_end_and_an_edit_reruns_only_its_stages(world, t
     assert cli.main(args) == 0
     after = done_stamps(out)
     new_align = aligned_by_method(out)
-    # the defense's alignment has a new fingerprint (a new stage directory); the others are the same ones
-    assert new_align["per_tensor_booster"] != align_dirs["per_tensor_booster"]
-    assert {m: d for m, d in new_align.items() if m != "per_tensor_booster"} == \
+    # the defense's alignment has a new fingerprint (a new stage directory beside the old one, which is kept);
+    # the others are the same ones
+    assert new_align["per_tensor_booster"] == {align_dirs["per_tensor_booster"], *new_align["per_tensor_booster"]}
+    assert len(new_align["per_tensor_booster"]) == 2
+    assert {m: only(d) for m, d in new_align.items() if m != "per_tensor_booster"} == \
         {m: d for m, d in align_dirs.items() if m != "per_tensor_booster"}
     rerun = sorted(k for k in before if after.get(k) != before[k])
     assert "finetune/per_tensor_booster-s0-p0.1/DONE" in rerun and "eval/per_tensor_booster-s0-p0.1/summary.json" in rerun
@@ -83,11 +85,17 @@ def test_the_example_runs_end_to_end_and_an_edit_reruns_only_its_stages(world, t
 
 
 def aligned_by_method(out) -> dict:
-    """align.method -> its alignment stage directory (they are named by fingerprint)."""
-    found = {}
+    """align.method -> the set of its alignment stage directories (named by fingerprint; an edited defense
+    adds one beside the old one, and glob order says nothing about which is newer)."""
+    found: dict = {}
     for meta in out.glob("align/*/final/meta.json"):
-        found[json.load(open(meta))["config"]["align"]["method"]] = meta.parent.parent
+        found.setdefault(json.load(open(meta))["config"]["align"]["method"], set()).add(meta.parent.parent)
     return found
+
+
+def only(dirs: set):
+    assert len(dirs) == 1, dirs
+    return next(iter(dirs))
 
 
 def tiny_setup():

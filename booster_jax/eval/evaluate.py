@@ -4,7 +4,6 @@ and held-out losses. Writes one JSON line per sample and a summary JSON; reuses 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import os
 import warnings
@@ -24,6 +23,7 @@ from booster_jax.eval import judges as judges_mod
 from booster_jax.eval import tasks
 from booster_jax.eval.generate import generate_text
 from booster_jax.eval.resumable import GenerationLog, resumable_answers
+from booster_jax.methods.base import jitted_loss
 
 log = logging.getLogger(__name__)
 
@@ -100,20 +100,12 @@ def eval_sets(cfg: Config) -> tuple[list[Example], list[Example]]:
     return harmful, task
 
 
-@functools.lru_cache(maxsize=8)
-def _summed_loss_fn(forward):
-    """The jitted summed LM loss of ``forward`` (a frozen dataclass, so hashable): built once per model, so
-    every evaluation of a run reuses its compiled shapes instead of tracing and compiling a new closure.
-    The weights are arguments: closed over, XLA would fold the whole model into the program as constants."""
-    return jax.jit(lambda lo_ra, params, b: forward.loss(lo_ra, params, b) * jnp.sum(b["loss_mask"][:, 1:]))
-
-
 def heldout_loss(forward, frozen, lora, tokenizer, examples: list[Example], cfg: Config, batch: int = 32) -> float:
     """Token-mean LM loss on (prompt -> reference answer) pairs, in static-shape batches."""
     if not examples:
         return float("nan")
     tok = tokenize_examples(tokenizer, examples, cfg.data.max_length, template=cfg.data.template)
-    loss_fn = _summed_loss_fn(forward)
+    loss_fn = jitted_loss(forward, summed=True)
     total, count = 0.0, 0.0
     for lo in range(0, len(tok.items), batch):
         b = collate(tok.items[lo:lo + batch], tokenizer.pad_token_id, cfg.data.bucket_lengths, batch_size=batch)

@@ -8,7 +8,6 @@ never knows which method it runs. Adding a defense is one module that calls ``re
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -93,12 +92,38 @@ def target_lm_loss(model: Llama, params, hidden: jax.Array, batch: dict) -> jax.
     return jnp.sum(nll * weights) / jnp.maximum(jnp.sum(mask[:, 1:]), 1.0)
 
 
-@functools.lru_cache(maxsize=16)
-def jitted_loss(forward: Forward):
-    """``jax.jit(forward.loss)``, built once per model: callers that evaluate a loss outside a step (the
-    attack's Fig. 3 tracking, every stage of a run) reuse one compiled program per shape instead of tracing
-    a new closure each time. Weights are arguments, never baked-in constants."""
-    return jax.jit(forward.loss)
+def model_loss(forward, trainable, frozen, batch, **kw) -> jax.Array:
+    """The batch's LM loss through ``forward``: ``Forward.loss`` (the head at the target positions only), or
+    ``lm_loss`` of the logits for any other callable with ``Forward``'s signature (a wrapped or instrumented
+    forward, as tests and plugins write them)."""
+    loss = getattr(forward, "loss", None)
+    if loss is None:
+        return lm_loss(forward(trainable, frozen, batch, **kw), batch)
+    return loss(trainable, frozen, batch, **kw)
+
+
+_JITTED_LOSSES: dict = {}
+
+
+def jitted_loss(forward, summed: bool = False):
+    """``jax.jit`` of ``model_loss`` (times the batch's target count when ``summed``), built once per model:
+    callers that evaluate a loss outside a step (held-out losses, the attack's Fig. 3 tracking, every stage
+    of a run) reuse one compiled program per shape instead of tracing a new closure each time. Weights are
+    arguments, never baked-in constants. An unhashable ``forward`` gets a fresh function, uncached."""
+
+    def build():
+        if summed:
+            return jax.jit(lambda w, params, b: model_loss(forward, w, params, b) * jnp.sum(b["loss_mask"][:, 1:]))
+        return jax.jit(lambda w, params, b: model_loss(forward, w, params, b))
+
+    try:
+        key = (forward, summed)
+        hash(key)
+    except TypeError:
+        return build()
+    if key not in _JITTED_LOSSES:
+        _JITTED_LOSSES[key] = build()
+    return _JITTED_LOSSES[key]
 
 
 def global_norm(tree) -> jax.Array:

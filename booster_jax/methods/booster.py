@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from booster_jax.config import BoosterConfig
-from booster_jax.methods.base import MethodSpec, StepContext, apply_gradients, global_norm, register
+from booster_jax.methods.base import model_loss, MethodSpec, StepContext, apply_gradients, global_norm, register
 from booster_jax.methods.vaccine import EPS as PROBE_EPS, zero_probe
 
 
@@ -100,7 +100,7 @@ def booster_passes(forward, cfg: BoosterConfig, trainable, frozen, batches, rng=
     last = len(order) - 1
 
     def loss_fn(weights, eps_probe, batch, key):
-        return forward.loss(weights, frozen, batch, rng=key, probe=eps_probe)
+        return model_loss(forward, weights, frozen, batch, rng=key, probe=eps_probe)
 
     def one_pass(carry, xs):
         g1, probe_g = carry

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from booster_jax.config import LisaConfig
-from booster_jax.methods.base import MethodSpec, StepContext, apply_gradients, global_norm, register
+from booster_jax.methods.base import model_loss, MethodSpec, StepContext, apply_gradients, global_norm, register
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def make_lisa_step(ctx: StepContext, total_steps: int | None = None):
 
         def value_and_grad(batch):
             def loss_fn(w):
-                lm = forward.loss(w, frozen, batch, rng=rng)
+                lm = model_loss(forward, w, frozen, batch, rng=rng)
                 prox = jnp.where(proximal_on, 0.5 * rho * sq_distance(w, anchor), 0.0)
                 return lm + prox, (lm, prox)
             return jax.value_and_grad(loss_fn, has_aux=True)(state.trainable)

@@ -10,7 +10,7 @@ import functools
 
 import jax
 
-from booster_jax.methods.base import (Forward, MethodSpec, StepContext, apply_gradients, global_norm,
+from booster_jax.methods.base import (model_loss, Forward, MethodSpec, StepContext, apply_gradients, global_norm,
                                       register)
 
 
@@ -18,7 +18,7 @@ def lm_value_and_grad(forward: Forward):
     """``(trainable, frozen, batch, rng) -> (loss, grads)``, gradients w.r.t. the trainable tree only."""
 
     def loss_fn(trainable, frozen, batch, rng):
-        return forward.loss(trainable, frozen, batch, rng=rng)
+        return model_loss(forward, trainable, frozen, batch, rng=rng)
 
     return jax.value_and_grad(loss_fn)
 

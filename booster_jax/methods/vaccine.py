@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from booster_jax.config import VaccineConfig
-from booster_jax.methods.base import (Forward, MethodSpec, StepContext, apply_gradients, global_norm,
+from booster_jax.methods.base import (model_loss, Forward, MethodSpec, StepContext, apply_gradients, global_norm,
                                       register)
 
 EPS = 1e-7  # the official ``rho / (grad_norm + 1e-7)``
@@ -46,7 +46,7 @@ def attention_perturbation(forward: Forward, rho, trainable, frozen, batch, rng=
     """
 
     def loss_of_probe(probe):
-        return forward.loss(trainable, frozen, batch, rng=rng, probe=probe)
+        return model_loss(forward, trainable, frozen, batch, rng=rng, probe=probe)
 
     f, g = jax.value_and_grad(loss_of_probe)(zero_probe(forward, batch))
     g_norm = global_norm(g)
@@ -64,7 +64,7 @@ def vaccine_gradient(forward: Forward, rho, trainable, frozen, batch, rng=None):
     eps, f_clean, g_norm = attention_perturbation(forward, rho, trainable, frozen, batch, _key(rng, 0))
 
     def loss_fn(w):
-        return forward.loss(w, frozen, batch, rng=_key(rng, 1), probe=eps)
+        return model_loss(forward, w, frozen, batch, rng=_key(rng, 1), probe=eps)
 
     f_pert, grads = jax.value_and_grad(loss_fn)(trainable)
     return grads, {"loss": f_pert, "loss_unperturbed": f_clean, "attn_grad_norm": g_norm,
