@@ -277,7 +277,7 @@ class Attention(nn.Module):
                          self.lora.dropout, self.deterministic, PROJECTIONS[name][2], name=name)
 
     @nn.compact
-    def __call__(self, x, positions, key_valid, cache_index):
+    def __call__(self, x, positions, key_valid, cache_index, layer=None):
         cfg = self.cfg
         b, t, _ = x.shape
         q = self.dense("q_proj", cfg.qkv_bias)(x)
@@ -292,14 +292,23 @@ class Attention(nn.Module):
 
         query_slots = jnp.arange(t)
         if self.has_variable("cache", "k"):
-            # Generation: write this chunk at slot ``cache_index`` and attend over every slot.
+            # Generation: write this chunk at slot ``cache_index`` of this layer's rows of the whole stacked
+            # cache [L, B, kv, S, d] (carried through the layer loop, so XLA updates it in place instead of
+            # slicing it in and restacking it every step; kv before S, the layout both attention products
+            # read, so no step transposes the cache), then attend over every slot of this layer.
             ck, cv = self.get_variable("cache", "k"), self.get_variable("cache", "v")
-            k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, cache_index, 0, 0))
-            v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, cache_index, 0, 0))
-            self.put_variable("cache", "k", k)
-            self.put_variable("cache", "v", v)
+            at = (layer, 0, 0, cache_index, 0)
+            ck = jax.lax.dynamic_update_slice(ck, k.transpose(0, 2, 1, 3)[None].astype(ck.dtype), at)
+            cv = jax.lax.dynamic_update_slice(cv, v.transpose(0, 2, 1, 3)[None].astype(cv.dtype), at)
+            self.put_variable("cache", "k", ck)
+            self.put_variable("cache", "v", cv)
+            k = jax.lax.dynamic_index_in_dim(ck, layer, keepdims=False)
+            v = jax.lax.dynamic_index_in_dim(cv, layer, keepdims=False)
+            key_spec = "bksd"
             query_slots = query_slots + cache_index
-        key_slots = jnp.arange(k.shape[1])
+        else:
+            key_spec = "bskd"
+        key_slots = jnp.arange(k.shape[key_spec.index("s")])
         allowed = key_slots[None, :] <= query_slots[:, None]
         if cfg.sliding_window:
             allowed &= key_slots[None, :] > query_slots[:, None] - cfg.sliding_window
@@ -313,11 +322,11 @@ class Attention(nn.Module):
 
         groups = cfg.num_heads // cfg.num_kv_heads
         qg = q.reshape(b, t, cfg.num_kv_heads, groups, cfg.head_dim)
-        scores = jnp.einsum("btkgd,bskd->bkgts", qg, k.astype(qg.dtype)).astype(jnp.float32)
+        scores = jnp.einsum(f"btkgd,{key_spec}->bkgts", qg, k.astype(qg.dtype)).astype(jnp.float32)
         scores = scores / math.sqrt(cfg.head_dim)
         scores = jnp.where(allowed[:, :, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(self.dtype))
+        out = jnp.einsum(f"bkgts,{key_spec}->btkgd", probs, v.astype(self.dtype))
         out = out.reshape(b, t, cfg.num_heads * cfg.head_dim)
         return self.dense("o_proj", cfg.o_bias)(out)
 
@@ -351,12 +360,12 @@ class DecoderLayer(nn.Module):
     collect: bool = False  # also return this layer's output (RepNoise reads every layer's representation)
 
     @nn.compact
-    def __call__(self, x, positions, key_valid, cache_index):
+    def __call__(self, x, positions, key_valid, cache_index, layer=None):
         with jax.named_scope("decoder_layer"):  # a profile groups each layer's ops under one name
             cfg = self.cfg
             h = RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype, name="input_layernorm")(x)
             attn = Attention(cfg, self.lora, self.dtype, self.param_dtype, self.deterministic, name="self_attn")(
-                h, positions, key_valid, cache_index)
+                h, positions, key_valid, cache_index, layer)
             if self.has_variable("probe", "attn_out"):
                 # Vaccine: an additive perturbation of this attention block's output (zero-valued probe -> gradient).
                 attn = attn + self.get_variable("probe", "attn_out").astype(attn.dtype)
@@ -426,15 +435,26 @@ class Llama(nn.Module):
         layer = DecoderLayer
         if self.remat != "none":  # inside the scan: each layer's backward recomputes what the policy drops
             layer = nn.remat(DecoderLayer, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
-        layers = nn.scan(
-            layer,
-            variable_axes={"params": 0, "lora": 0, "probe": 0, "cache": 0},
-            split_rngs={"params": True, "dropout": True},
-            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
-            length=cfg.num_layers,
-            unroll=1 if self.scan_layers else cfg.num_layers,
-        )(cfg, self.lora, self.dtype, self.param_dtype, self.deterministic, output == "all", name="layers")
-        x, per_layer = layers(x, positions, attention_mask, cache_index)
+        unroll = 1 if self.scan_layers else cfg.num_layers
+        if self.is_mutable_collection("cache"):
+            # Generation: the stacked cache is a loop carry (each layer writes its own rows, told by its
+            # index), not a scanned variable, which XLA would slice in and restack in full every step.
+            layers = nn.scan(
+                layer, variable_axes={"params": 0, "lora": 0, "probe": 0}, variable_carry="cache",
+                split_rngs={"params": True, "dropout": True},
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0), length=cfg.num_layers, unroll=unroll,
+            )(cfg, self.lora, self.dtype, self.param_dtype, self.deterministic, output == "all", name="layers")
+            x, per_layer = layers(x, positions, attention_mask, cache_index, jnp.arange(cfg.num_layers))
+        else:
+            layers = nn.scan(
+                layer,
+                variable_axes={"params": 0, "lora": 0, "probe": 0},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+                length=cfg.num_layers,
+                unroll=unroll,
+            )(cfg, self.lora, self.dtype, self.param_dtype, self.deterministic, output == "all", name="layers")
+            x, per_layer = layers(x, positions, attention_mask, cache_index)
         x = RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype, name="norm")(x)
         if output == "hidden":
             return x
@@ -470,5 +490,5 @@ def init_params(model: Llama, rng: jax.Array) -> dict:
 
 def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype=jnp.float32) -> dict:
     """An empty key-value cache collection for ``batch`` sequences of up to ``max_len`` tokens."""
-    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim)  # [L, B, kv, S, d]
     return {"layers": {"self_attn": {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}}}
