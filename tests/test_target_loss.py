@@ -65,6 +65,18 @@ def test_target_index_lists_every_target_and_pads_with_the_last_position():
     assert target_index(mask, buckets=(3, 6)).shape == (3, 6)  # K = the smallest bucket that holds them
 
 
+
+def test_target_index_matches_a_per_row_listing_on_random_masks():
+    """Scattered (packed-style) targets, empty rows and full rows: each row lists exactly its own positions."""
+    rng = np.random.default_rng(0)
+    for trial in range(20):
+        mask = (rng.random((7, 33)) < rng.choice([0.0, 0.2, 0.7, 1.0])).astype(np.float32)
+        index = target_index(mask, buckets=(8, 16, 32))
+        for row, m in zip(index, mask):
+            at = np.flatnonzero(m[1:] > 0)
+            np.testing.assert_array_equal(row[:len(at)], at)
+            assert (row[len(at):] == 32).all()
+
 def test_collate_adds_a_target_index_shorter_than_the_row():
     batch = collate([(np.arange(10), np.r_[np.zeros(7), np.ones(3)].astype(np.float32))], 0, (4, 8, 12), 2)
     assert batch["input_ids"].shape == (2, 12) and batch["target_index"].shape == (2, 4)

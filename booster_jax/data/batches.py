@@ -80,9 +80,8 @@ def target_index(loss_mask: np.ndarray, buckets: Sequence[int]) -> np.ndarray:
     most = int(hits.sum(axis=1).max()) if rows else 0
     k = min(next((b for b in _check_buckets(buckets) if b >= max(most, 1)), length), length)
     index = np.full((rows, k), length - 1, dtype=np.int32)
-    for r in range(rows):
-        at = np.flatnonzero(hits[r])
-        index[r, :len(at)] = at
+    row, pos = np.nonzero(hits)  # row-major: each row's target positions in order
+    index[row, (np.cumsum(hits, axis=1) - 1)[row, pos]] = pos  # the j-th target of a row goes to column j
     return index
 
 
