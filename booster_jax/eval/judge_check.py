@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from booster_jax import files
-from booster_jax.errors import BoosterInputError
+from booster_jax.errors import BoosterInputError, cli_main
 from booster_jax.eval import layout, paired
 from booster_jax.eval.judges import KeywordRefusalJudge
 
@@ -264,7 +264,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        raise SystemExit(main())
-    except (ValueError, FileNotFoundError) as e:   # bad input: one line, no traceback
-        raise SystemExit(f"error: {e}")
+    cli_main(main)

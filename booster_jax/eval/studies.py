@@ -23,6 +23,7 @@ from collections import defaultdict
 from statistics import mean, stdev
 
 from booster_jax import files
+from booster_jax.errors import cli_main
 from booster_jax.eval import mechanism, paired
 
 
@@ -203,7 +204,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        raise SystemExit(main())
-    except (ValueError, FileNotFoundError) as e:   # bad input: one line, no traceback
-        raise SystemExit(f"error: {e}")
+    cli_main(main)
