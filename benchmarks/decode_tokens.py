@@ -5,9 +5,9 @@
 
 Random prompts (lengths drawn from [min-len, max-len)), a random non-zero LoRA on q, k, v (so the adapter
 path is exercised), EOS disabled so every row decodes ``--new`` tokens. Prints the first call's time
-(compile included) and the second's; writes the tokens. Run it in two checkouts (each with its own
-``PYTHONPATH=.``), one after the other on an idle machine, and ``cmp`` the two JSON files: a decoder change
-that keeps every number must give the same bytes.
+(compile included) and the second's; writes the tokens. Run it from the root of each of two checkouts (it
+imports the ``booster_jax`` of the directory it is run from), one after the other on an idle machine, and
+``cmp`` the two JSON files: a decoder change that keeps every number must give the same bytes.
 """
 
 from __future__ import annotations

@@ -435,26 +435,22 @@ class Llama(nn.Module):
         layer = DecoderLayer
         if self.remat != "none":  # inside the scan: each layer's backward recomputes what the policy drops
             layer = nn.remat(DecoderLayer, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
-        unroll = 1 if self.scan_layers else cfg.num_layers
+        inputs, in_axes, carry = (x, positions, attention_mask, cache_index), (nn.broadcast,) * 3, {}
         if self.is_mutable_collection("cache"):
             # Generation: the stacked cache is a loop carry (each layer writes its own rows, told by its
             # index), not a scanned variable, which XLA would slice in and restack in full every step.
-            layers = nn.scan(
-                layer, variable_axes={"params": 0, "lora": 0, "probe": 0}, variable_carry="cache",
-                split_rngs={"params": True, "dropout": True},
-                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0), length=cfg.num_layers, unroll=unroll,
-            )(cfg, self.lora, self.dtype, self.param_dtype, self.deterministic, output == "all", name="layers")
-            x, per_layer = layers(x, positions, attention_mask, cache_index, jnp.arange(cfg.num_layers))
-        else:
-            layers = nn.scan(
-                layer,
-                variable_axes={"params": 0, "lora": 0, "probe": 0},
-                split_rngs={"params": True, "dropout": True},
-                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
-                length=cfg.num_layers,
-                unroll=unroll,
-            )(cfg, self.lora, self.dtype, self.param_dtype, self.deterministic, output == "all", name="layers")
-            x, per_layer = layers(x, positions, attention_mask, cache_index)
+            inputs, in_axes = inputs + (jnp.arange(cfg.num_layers),), in_axes + (0,)
+            carry = {"variable_carry": "cache"}
+        layers = nn.scan(
+            layer,
+            variable_axes={"params": 0, "lora": 0, "probe": 0},
+            split_rngs={"params": True, "dropout": True},
+            in_axes=in_axes,
+            length=cfg.num_layers,
+            unroll=1 if self.scan_layers else cfg.num_layers,
+            **carry,
+        )(cfg, self.lora, self.dtype, self.param_dtype, self.deterministic, output == "all", name="layers")
+        x, per_layer = layers(*inputs)
         x = RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype, name="norm")(x)
         if output == "hidden":
             return x
