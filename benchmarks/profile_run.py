@@ -57,27 +57,33 @@ class Profile:
     def __init__(self):
         self.seconds = collections.Counter()
         self.calls = collections.Counter()
-        self.stack: list[list] = []  # [phase, start of its current exclusive slice]
+        # process CPU seconds per phase, *including* the compiles the phase triggered (JAX reports a
+        # compile's wall time only), and the wall seconds of those compiles, so that
+        # cpu / (seconds + compile_in) is the phase's CPU/wall with its compiles: ~1 means one core busy
+        self.cpu = collections.Counter()
+        self.compile_in = collections.Counter()
+        self.stack: list[list] = []  # [phase, wall start, CPU start] of its current exclusive slice
 
-    def _charge_top(self, now: float) -> None:
+    def _charge_top(self, now: float, cpu: float) -> None:
         if self.stack:
-            phase, since = self.stack[-1]
+            phase, since, cpu_since = self.stack[-1]
             self.seconds[phase] += now - since
+            self.cpu[phase] += cpu - cpu_since
 
     @contextlib.contextmanager
     def phase(self, name: str):
-        now = time.perf_counter()
-        self._charge_top(now)
-        self.stack.append([name, now])
+        now, cpu = time.perf_counter(), time.process_time()
+        self._charge_top(now, cpu)
+        self.stack.append([name, now, cpu])
         self.calls[name] += 1
         try:
             yield
         finally:
-            now = time.perf_counter()
-            self._charge_top(now)
+            now, cpu = time.perf_counter(), time.process_time()
+            self._charge_top(now, cpu)
             self.stack.pop()
             if self.stack:
-                self.stack[-1][1] = now
+                self.stack[-1][1:] = [now, cpu]
 
     def compiled(self, seconds: float) -> None:
         """A compile that just ended: move its seconds from the open phase to "compile"."""
@@ -85,6 +91,7 @@ class Profile:
         self.calls["compile (XLA)"] += 1
         if self.stack:
             self.seconds[self.stack[-1][0]] -= seconds
+            self.compile_in[self.stack[-1][0]] += seconds
 
     def wrap(self, fn, name: str):
         @functools.wraps(fn)
@@ -128,11 +135,17 @@ def install(profile: Profile) -> None:
                 setattr(mod, path, fn)
 
 
-def table(profile: Profile, total: float) -> list[tuple[str, float, int]]:
+def table(profile: Profile, total: float) -> list[tuple[str, float, int, float | None]]:
+    """(phase, exclusive wall seconds, calls, CPU/wall of the phase with its compiles or None)."""
     covered = sum(profile.seconds.values())
     rows = sorted(profile.seconds.items(), key=lambda kv: -kv[1])
-    return [(k, v, profile.calls[k]) for k, v in rows] + [("other (imports, config, data, world)",
-                                                           total - covered, 0)]
+
+    def cpu_per_wall(k):
+        wall = profile.seconds[k] + profile.compile_in[k]
+        return profile.cpu[k] / wall if k in profile.cpu and wall > 0 else None
+
+    return [(k, v, profile.calls[k], cpu_per_wall(k)) for k, v in rows] + [
+        ("other (imports, config, data, world)", total - covered, 0, None)]
 
 
 def main(argv=None) -> int:
@@ -169,13 +182,18 @@ def main(argv=None) -> int:
     print(f"\nprofile of {os.path.relpath(ns.config)} {' '.join(ns.overrides)}: {total:.1f} s wall, "
           f"{time.process_time() - cpu0:.1f} s CPU, load average {load0:.2f} at start, "
           f"{os.getloadavg()[0]:.2f} at end, CPUs {sorted(os.sched_getaffinity(0))}")
-    print(f"{'phase':<40}{'seconds':>10}{'share':>8}{'calls':>8}")
-    for name, sec, calls in rows:
-        print(f"{name:<40}{sec:>10.1f}{100 * sec / total:>7.1f}%{calls:>8}")
+    print(f"{'phase':<40}{'seconds':>10}{'share':>8}{'calls':>8}{'CPU/wall':>10}")
+    for name, sec, calls, ratio in rows:
+        shown = "-" if ratio is None else f"{ratio:.2f}"
+        print(f"{name:<40}{sec:>10.1f}{100 * sec / total:>7.1f}%{calls:>8}{shown:>10}")
+    print("(CPU/wall: process CPU seconds over wall seconds of the phase, its compiles included; "
+          "2.00 = both cores busy)")
     if ns.json:
         with open(ns.json, "w") as f:
             json.dump({"config": ns.config, "overrides": ns.overrides, "total_s": total,
-                       "rows": [{"phase": n, "seconds": s, "calls": c} for n, s, c in rows]}, f, indent=2)
+                       "cpu_s": time.process_time() - cpu0,
+                       "rows": [{"phase": n, "seconds": s, "calls": c, "cpu_per_wall": r}
+                                for n, s, c, r in rows]}, f, indent=2)
     return 0
 
 

@@ -61,3 +61,35 @@ def test_cpu_per_wall_guard():
         check_one_thread(one, {"ours sft": 1.0, "ours booster": 2.0})
     check_one_thread(one, {"ours sft": 1.0, "torch sft": 0.6})  # a loaded host: below 1 is fine
     check_one_thread(argparse.Namespace(threads=0), {"ours sft": 2.0})  # not asked for one thread
+
+
+def test_profile_run_charges_exclusive_wall_cpu_and_compiles():
+    """profile_run's Profile: a nested phase's seconds leave its parent, a compile's wall seconds move
+    from the open phase to "compile (XLA)", and a phase's CPU/wall counts the compiles it triggered
+    (a sleeping phase reads ~0 CPU/wall, a spinning one near 1, less on a loaded machine)."""
+    import time
+
+    from benchmarks.profile_run import Profile, table
+
+    def spin(seconds):
+        end = time.process_time() + seconds
+        while time.process_time() < end:
+            pass
+
+    prof = Profile()
+    t0 = time.perf_counter()
+    with prof.phase("outer"):
+        time.sleep(0.2)
+        t1 = time.perf_counter()
+        with prof.phase("inner"):
+            spin(0.2)
+            prof.compiled(0.05)  # as if 0.05 s of the spin were an XLA compile
+        t2 = time.perf_counter()
+    total = time.perf_counter() - t0
+    rows = {name: (sec, calls, ratio) for name, sec, calls, ratio in table(prof, total)}
+    assert rows["inner"][0] == pytest.approx(t2 - t1 - 0.05, abs=2e-3)
+    assert rows["compile (XLA)"][:2] == (pytest.approx(0.05), 1)
+    assert rows["outer"][0] == pytest.approx(total - (t2 - t1), abs=2e-3)
+    assert 0.3 < rows["inner"][2] <= 1.1
+    assert rows["outer"][2] < 0.1
+    assert sum(sec for sec, _, _ in rows.values()) == pytest.approx(total, abs=1e-6)
