@@ -41,13 +41,17 @@ TIMED = [
     ("booster_jax.eval.evaluate", "heldout_loss", "held-out loss (eval)"),
     ("booster_jax.eval.judges", "KeywordRefusalJudge.judge", "judge"),
     ("booster_jax.eval.synthetic_judge", "SyntheticJudge.judge", "judge"),
-    ("booster_jax.train.stages", "harmful_loss_hook", "attack tracking (Fig. 3)"),
-    ("booster_jax.train.stages", "harmful_score_probe", "attack tracking (Fig. 3)"),
     ("booster_jax.fingerprint", "file_digest", "hashing"),
     ("booster_jax.fingerprint", "data_digest", "hashing"),
     ("booster_jax.fingerprint", "model_fingerprint", "hashing"),
     ("booster_jax.data.template", "tokenize_examples", "tokenizing"),
     ("booster_jax.train.stages", "load_base", "model load"),
+]
+# functions that build the callable doing the work: the callable they return is timed (the tracking hook
+# runs inside a training stage, every track_every steps; its forward passes are not "training steps")
+TIMED_FACTORIES = [
+    ("booster_jax.train.stages", "harmful_loss_hook", "attack tracking (Fig. 3)"),
+    ("booster_jax.train.stages", "harmful_score_probe", "attack tracking (Fig. 3)"),
 ]
 
 
@@ -100,6 +104,20 @@ class Profile:
                 return fn(*a, **kw)
         return timed
 
+    def wrap_factory(self, fn, name: str):
+        """A function that *returns* the callable doing the work (a hook, a probe): time the callable it
+        returns, alone or as the last item of a tuple ((every, hook))."""
+        @functools.wraps(fn)
+        def timed(*a, **kw):
+            with self.phase(name):
+                made = fn(*a, **kw)
+            if callable(made):
+                return self.wrap(made, name)
+            if isinstance(made, tuple) and made and callable(made[-1]):
+                return (*made[:-1], self.wrap(made[-1], name))
+            return made
+        return timed
+
 
 def install(profile: Profile) -> None:
     import importlib
@@ -111,22 +129,23 @@ def install(profile: Profile) -> None:
             profile.compiled(duration)
 
     jax.monitoring.register_event_duration_secs_listener(on_duration)
-    for module, path, name in TIMED:
-        try:
-            owner = importlib.import_module(module)
-        except ImportError:
-            continue
-        *outer, attr = path.split(".")
-        for part in outer:
-            owner = getattr(owner, part, None)
-        if owner is None or not hasattr(owner, attr):
-            continue
-        setattr(owner, attr, profile.wrap(getattr(owner, attr), name))
+    for entries, wrapper in ((TIMED, profile.wrap), (TIMED_FACTORIES, profile.wrap_factory)):
+        for module, path, name in entries:
+            try:
+                owner = importlib.import_module(module)
+            except ImportError:
+                continue
+            *outer, attr = path.split(".")
+            for part in outer:
+                owner = getattr(owner, part, None)
+            if owner is None or not hasattr(owner, attr):
+                continue
+            setattr(owner, attr, wrapper(getattr(owner, attr), name))
     # modules that imported a timed function by name hold the unwrapped one: patch those names too
     for mod in list(sys.modules.values()):
         if not getattr(mod, "__name__", "").startswith("booster_jax"):
             continue
-        for module, path, name in TIMED:
+        for module, path, name in TIMED + TIMED_FACTORIES:
             if "." in path:
                 continue
             fn = getattr(sys.modules.get(module), path, None)

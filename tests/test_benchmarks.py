@@ -93,3 +93,21 @@ def test_profile_run_charges_exclusive_wall_cpu_and_compiles():
     assert 0.3 < rows["inner"][2] <= 1.1
     assert rows["outer"][2] < 0.1
     assert sum(sec for sec, _, _ in rows.values()) == pytest.approx(total, abs=1e-6)
+
+
+def test_profile_run_times_the_hook_a_factory_returns():
+    """The attack's tracking hook is built once and called every few steps inside a training stage: its
+    calls, not only its construction, are charged to its own phase."""
+    import time
+
+    from benchmarks.profile_run import Profile
+
+    prof = Profile()
+    make = prof.wrap_factory(lambda: (5, lambda state: time.sleep(0.05) or {"loss": state}), "tracking")
+    every, hook = make()
+    with prof.phase("training steps"):
+        assert hook(1.0) == {"loss": 1.0} and every == 5
+        hook(2.0)
+    assert prof.calls["tracking"] == 3  # the construction and two calls
+    assert prof.seconds["tracking"] >= 0.1
+    assert prof.seconds["training steps"] < prof.seconds["tracking"]

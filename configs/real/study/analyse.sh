@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Issue 26's pre-registered analysis (docs/results/real_study.md), every command of its table in one go, over
+# whatever cells exist under $STUDY_DIR (default runs/real/study). Writes the outputs to $OUT (default
+# docs/results/real_study/): the paired table and test at 64 and at 24 tokens, the mechanism table and the
+# per-seed Fig. 3 curves. Safe to rerun at any point of the study: it reads finished evaluations only.
+#   bash configs/real/study/analyse.sh                  # from the checkout that holds the cells
+#   STUDY_DIR=/root/booster-study2/code/runs/real/study bash configs/real/study/analyse.sh
+set -euo pipefail
+cd "$(dirname "$0")/../../.."
+STUDY=${STUDY_DIR:-runs/real/study}
+OUT=${OUT:-docs/results/real_study}
+TOKENIZER=${TOKENIZER:-data/real/smollm2-135m-instruct}
+mkdir -p "$OUT"
+shopt -s nullglob
+DIRS=("$STUDY"/s1?)
+if [ ${#DIRS[@]} -eq 0 ]; then
+  echo "analyse.sh: no seed directory (s1?) under $STUDY: run configs/real/study/run_study.sh first" >&2
+  exit 2
+fi
+python -m booster_jax.eval.studies "${DIRS[@]}" --paired sft booster_paper | tee "$OUT/paired_64.txt"
+python -m booster_jax.eval.studies "${DIRS[@]}" --paired sft booster_paper --max-tokens 24 \
+  --tokenizer "$TOKENIZER" | tee "$OUT/paired_24.txt"
+python -m booster_jax.eval.studies "${DIRS[@]}" --mechanism --plot "$OUT" | tee "$OUT/mechanism.txt"
