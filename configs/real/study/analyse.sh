@@ -12,9 +12,12 @@ OUT=${OUT:-docs/results/real_study}
 TOKENIZER=${TOKENIZER:-data/real/smollm2-135m-instruct}
 mkdir -p "$OUT"
 shopt -s nullglob
-DIRS=("$STUDY"/s1?)
+DIRS=()
+for d in "$STUDY"/s1?; do  # a seed counts once its grid has finished (run.py writes summaries.json last)
+  if [ -f "$d/summaries.json" ]; then DIRS+=("$d"); else echo "analyse.sh: $d not finished yet, left out" >&2; fi
+done
 if [ ${#DIRS[@]} -eq 0 ]; then
-  echo "analyse.sh: no seed directory (s1?) under $STUDY: run configs/real/study/run_study.sh first" >&2
+  echo "analyse.sh: no finished seed directory (s1?/summaries.json) under $STUDY: run configs/real/study/run_study.sh first" >&2
   exit 2
 fi
 python -m booster_jax.eval.studies "${DIRS[@]}" --paired sft booster_paper | tee "$OUT/paired_64.txt"
