@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Issue 26's pre-registered analysis (docs/results/real_study.md), every command of its table in one go, over
-# whatever cells exist under $STUDY_DIR (default runs/real/study). Writes the outputs to $OUT (default
-# docs/results/real_study/): the paired table and test at 64 and at 24 tokens, the mechanism table and the
-# per-seed Fig. 3 curves. Safe to rerun at any point of the study: it reads finished evaluations only.
+# the seeds under $STUDY_DIR (default runs/real/study) whose grid has finished. Writes the outputs to $OUT
+# (default docs/results/real_study/): the paired table and test at 64 and at 24 tokens, the mechanism table
+# and the per-seed Fig. 3 curves. Safe to rerun at any point of the study: unfinished seeds are left out.
 #   bash configs/real/study/analyse.sh                  # from the checkout that holds the cells
 #   STUDY_DIR=/root/booster-study2/code/runs/real/study bash configs/real/study/analyse.sh
 set -euo pipefail
