@@ -36,12 +36,10 @@ mine() {  # the seeds of this lane: every LANES-th from the LANE-th
 for s in $(mine "${PRIMARY_SEEDS[@]}"); do
   python run.py configs/real/study/study.yaml "grid.seeds=[$s]" "run.output_dir=$OUT/s$s" --no-progress
 done
-if (( LANES > 1 )); then  # the other lanes' p = 0.1 grids
-  for s in "${PRIMARY_SEEDS[@]}"; do
-    if [ ! -f "$OUT/s$s/summaries.json" ]; then echo "run_study.sh lane $LANE: waiting for seed $s's p = 0.1 grid" >&2; fi
-    while [ ! -f "$OUT/s$s/summaries.json" ]; do sleep "${LANE_POLL_S:-60}"; done
-  done
-fi
+for s in "${PRIMARY_SEEDS[@]}"; do  # every seed's p = 0.1 grid, the other lanes' too (one lane: all done)
+  if [ ! -f "$OUT/s$s/summaries.json" ]; then echo "run_study.sh lane $LANE: waiting for seed $s's p = 0.1 grid" >&2; fi
+  while [ ! -f "$OUT/s$s/summaries.json" ]; do sleep "${LANE_POLL_S:-60}"; done
+done
 for s in $(mine "${SECONDARY_SEEDS[@]}"); do
   python run.py configs/real/study/study.yaml "grid.seeds=[$s]" "grid.harmful_ratios=[0.1,0,0.2]" \
     "run.output_dir=$OUT/s$s" --no-progress
