@@ -4,6 +4,8 @@ or split over lanes. Checked with a stand-in ``python`` on PATH that records eac
 * without LANES: the eight p = 0.1 runs (seeds 10..17), then the four full-grid runs (10..13), in order;
 * with LANES=2, two lanes side by side: the same twelve calls, each exactly once, seeds split alternately;
   no full-grid call starts before every seed's p = 0.1 run has finished, even when the last of them is slow;
+* a seed whose p = 0.1 grid has finished (its summaries.json, e.g. restored on a new machine) is not run again
+  at p = 0.1, but still gets its p = 0 / 0.2 run;
 * a bad LANE / LANES stops with a message naming them, before any run.
 """
 
@@ -87,6 +89,19 @@ def test_two_lanes_split_the_same_calls_and_wait_for_every_primary_cell(tree):
     first_secondary = min(i for i, (kind, a) in enumerate(events) if kind == "start" and "harmful_ratios" in a)
     assert first_secondary > last_primary_end      # the barrier held while seed 17 was still running
     assert "waiting for seed 17" in outs[0][1]     # lane 0 finished its seeds first and said what it waits on
+
+
+def test_a_finished_seed_is_not_run_again_at_the_primary_ratio(tree):
+    script, env, calls = tree
+    finished = os.path.join(env["STUDY_DIR"], "s12")
+    os.makedirs(finished)
+    with open(os.path.join(finished, "summaries.json"), "w") as f:
+        f.write("{}")
+    r = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, check=True, timeout=60)
+    starts = [args for kind, args in _events(calls) if kind == "start"]
+    assert [_seed(a) for a in starts if "harmful_ratios" not in a] == [10, 11, 13, 14, 15, 16, 17]
+    assert [_seed(a) for a in starts if "harmful_ratios" in a] == [10, 11, 12, 13]
+    assert "seed 12's p = 0.1 grid has finished" in r.stderr
 
 
 @pytest.mark.parametrize("lanes,lane", [("0", "0"), ("2", "2"), ("two", "0"), ("2", "-1")])

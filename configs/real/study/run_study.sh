@@ -12,7 +12,8 @@
 # Lane l takes every LANES-th seed from the l-th, in order. The same commands run, with the same output
 # directories (the run-directory lock refuses two processes on one seed). No lane starts a p = 0 / 0.2 cell
 # before every seed's p = 0.1 grid has finished (its summaries.json), so the primary endpoint still comes
-# first. Without LANES the script runs every seed in one process, as before.
+# first. Without LANES the script runs every seed in one process, as before. A seed whose summaries.json exists
+# is not run again at p = 0.1 (restore_cells.sh puts finished seeds back on a new machine, without checkpoints).
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
 OUT=${STUDY_DIR:-runs/real/study}
@@ -34,6 +35,10 @@ mine() {  # the seeds of this lane: every LANES-th from the LANE-th
 }
 
 for s in $(mine "${PRIMARY_SEEDS[@]}"); do
+  if [ -f "$OUT/s$s/summaries.json" ]; then  # finished here, or restored by restore_cells.sh on a new machine
+    echo "run_study.sh lane $LANE: seed $s's p = 0.1 grid has finished ($OUT/s$s/summaries.json): skipped" >&2
+    continue
+  fi
   python run.py configs/real/study/study.yaml "grid.seeds=[$s]" "run.output_dir=$OUT/s$s" --no-progress
 done
 for s in "${PRIMARY_SEEDS[@]}"; do  # every seed's p = 0.1 grid, the other lanes' too (one lane: all done)

@@ -5,12 +5,15 @@
 #
 # Copied, per seed directory s1? and for the shared base evaluation (cache/eval-base):
 #   the run directory's own files (config.yaml, inputs.json, summaries.json once its grid has finished);
-#   eval/<tag>/        once summary.json exists: summary.json, samples.jsonl (every prompt's answer), fingerprint;
+#   eval/<tag>/        once summary.json exists: summary.json, samples.jsonl (every prompt's answer), fingerprint
+#                      (not generations.jsonl, the resume log that samples.jsonl repeats, and not eval/base, the
+#                      copy of cache/eval-base every seed holds);
 #   align/<fp>/, finetune/<tag>/   once DONE exists: metrics.jsonl, track.jsonl, variants.txt, DONE, fingerprint.
 # Only a stage directory's plain files are copied, never its sub-directories (the Orbax checkpoints, ~MBs
 # each); locks and XLA's compilation cache are left out. An unfinished stage is left out whole. Rerunning is
 # safe: it adds the stages that finished since and copies the others again, unchanged.
 # That is everything configs/real/study/analyse.sh and judge_check read, so both run on $CELLS as on the study.
+# On a new machine, configs/real/study/restore_cells.sh puts the finished evaluations back into a new study.
 #   STUDY_DIR=/root/booster-study3/code/runs/real/study bash configs/real/study/save_cells.sh
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
@@ -26,7 +29,8 @@ copy_files() {  # copy_files SRC_DIR DEST_DIR: the plain files directly in SRC_D
   local src=$1 dest=$2 f
   mkdir -p "$dest"
   for f in "$src"/*; do
-    if [ -f "$f" ] && [[ "$f" != *.lock && "$(basename "$f")" != run.lock ]]; then cp -p "$f" "$dest/"; fi
+    case "$(basename "$f")" in *.lock|generations.jsonl) continue ;; esac
+    if [ -f "$f" ]; then cp -p "$f" "$dest/"; fi
   done
 }
 
@@ -36,7 +40,9 @@ for run in "$STUDY"/s1?; do
   copy_files "$run" "$CELLS/$name"
   for stage in "$run"/eval/*/; do
     stage=${stage%/}
-    if [ -f "$stage/summary.json" ]; then copy_files "$stage" "$CELLS/$name/eval/$(basename "$stage")"; n=$((n + 1)); fi
+    if [ "$(basename "$stage")" != base ] && [ -f "$stage/summary.json" ]; then
+      copy_files "$stage" "$CELLS/$name/eval/$(basename "$stage")"; n=$((n + 1))
+    fi
   done
   for kind in align finetune; do
     for stage in "$run/$kind"/*/; do
