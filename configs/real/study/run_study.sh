@@ -13,7 +13,7 @@
 # directories (the run-directory lock refuses two processes on one seed). No lane starts a p = 0 / 0.2 cell
 # before every seed's p = 0.1 grid has finished (its summaries.json), so the primary endpoint still comes
 # first. Without LANES the script runs every seed in one process, as before. A seed whose summaries.json exists
-# is not run again at p = 0.1 (restore_cells.sh puts finished seeds back on a new machine, without checkpoints).
+# is not run again at p = 0.1 (cells.sh restore puts finished seeds back on a new machine, without checkpoints).
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
 OUT=${STUDY_DIR:-runs/real/study}
@@ -35,7 +35,7 @@ mine() {  # the seeds of this lane: every LANES-th from the LANE-th
 }
 
 for s in $(mine "${PRIMARY_SEEDS[@]}"); do
-  if [ -f "$OUT/s$s/summaries.json" ]; then  # finished here, or restored by restore_cells.sh on a new machine
+  if [ -f "$OUT/s$s/summaries.json" ]; then  # finished here, or restored by cells.sh restore on a new machine
     echo "run_study.sh lane $LANE: seed $s's p = 0.1 grid has finished ($OUT/s$s/summaries.json): skipped" >&2
     continue
   fi
