@@ -11,6 +11,9 @@ reports the same failure again:
 - a left-behind coroutine is collected (often only at interpreter exit) and closing it raises inside
   Orbax's ``except BaseException``: ``Exception ignored in: <coroutine object
   _read_array_index_and_device_put>`` (``sys.unraisablehook``);
+- a coroutine Orbax created but whose task never got to run before the loop closed (a write fragment
+  queued behind the failed one) is collected unstarted: ``RuntimeWarning: coroutine
+  'async_serialize_from_host.<locals>.write_fragment' was never awaited`` (a race: only some runs);
 - asyncio logs "Task/Future exception was never retrieved" / "Task was destroyed but it is pending!"
   for those tasks and TensorStore's futures;
 - Orbax's worker and commit threads log (absl, ERROR) "_SignalingThread.run() raised an exception" /
@@ -20,7 +23,8 @@ reports the same failure again:
 ``install()`` (idempotent; every ``StageStore`` calls it) drops exactly these and passes everything
 else on: an exception counts only when its traceback or its task runs through Orbax code (or, for a
 bare future nobody awaited, it is a TensorStore status error set by native code), or, for the
-closed-loop error, when native code called ``call_soon_threadsafe`` directly.
+closed-loop error, when native code called ``call_soon_threadsafe`` directly; an unawaited coroutine
+only when its code is Orbax's.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 
 import orbax.checkpoint as _ocp
 
@@ -97,6 +102,12 @@ def abandoned_orbax_coroutine(unraisable) -> bool:
     return code is not None and code.co_filename.startswith(ORBAX_DIR) and _closing(unraisable.exc_value)
 
 
+def unstarted_orbax_coroutine(coro) -> bool:
+    """A coroutine defined in Orbax's code (``write_fragment`` ...) collected before it ever ran."""
+    code = getattr(coro, "cr_code", None)
+    return code is not None and code.co_filename.startswith(ORBAX_DIR)
+
+
 def is_noise_record(record: logging.LogRecord) -> bool:
     """An asyncio or Orbax log record that repeats a checkpoint failure the store raises itself."""
     if record.name == "asyncio":
@@ -117,8 +128,9 @@ class _DropNoise(logging.Filter):
 
 
 def install() -> None:
-    """Wrap ``sys.excepthook`` / ``sys.unraisablehook`` and filter the ``asyncio`` and ``absl`` loggers,
-    once (again only if someone replaced the hooks since)."""
+    """Wrap ``sys.excepthook`` / ``sys.unraisablehook`` / ``warnings._warn_unawaited_coroutine`` (the hook
+    CPython calls for a coroutine collected unstarted; a warning filter cannot see which coroutine it was)
+    and filter the ``asyncio`` and ``absl`` loggers, once (again only if someone replaced the hooks since)."""
     for name in ("asyncio", "absl"):
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropNoise) for f in logger.filters):
@@ -141,6 +153,15 @@ def install() -> None:
 
         setattr(unraisablehook, _MARK, True)
         sys.unraisablehook = unraisablehook
+    inner_unawaited = getattr(warnings, "_warn_unawaited_coroutine", None)
+    if inner_unawaited is not None and not getattr(inner_unawaited, _MARK, False):
+
+        def warn_unawaited_coroutine(coro):
+            if not unstarted_orbax_coroutine(coro):
+                inner_unawaited(coro)
+
+        setattr(warn_unawaited_coroutine, _MARK, True)
+        warnings._warn_unawaited_coroutine = warn_unawaited_coroutine
 
 
 __all__ = ["install", "is_noise_record"]
