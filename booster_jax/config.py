@@ -384,6 +384,10 @@ class _Problems:
         self.lines.append(f"{key}: {msg}")
         self.keys.add(key.split("[")[0])
 
+    def amend(self, key: str, note: str) -> None:
+        """Add ``note`` to the problem already reported for ``key``: what likely caused it."""
+        self.lines = [f"{line} ({note})" if line.startswith(key + ": ") else line for line in self.lines]
+
     def raise_if_any(self, source: str) -> None:
         if self.lines:
             where = f" ({source})" if source else ""
@@ -586,23 +590,50 @@ def _set_all(raw: dict, overrides: Mapping[str, Any], probs: _Problems) -> None:
         _set_path(raw, str(k), v, probs)
 
 
-def _load_plugins(raw: Mapping, probs: _Problems) -> None:
+def _load_plugins(raw: Mapping, probs: _Problems) -> list[str]:
     """Import ``run.plugins`` (and installed entry points) before the schema is read: their methods and
-    sections must exist for the config to be checked. A malformed list is left to ``_build`` to report."""
+    sections must exist for the config to be checked. A malformed list is left to ``_build`` to report.
+    Returns the plugin names it imported from."""
     from booster_jax import plugins
 
     names = raw.get("run", {}).get("plugins") if isinstance(raw.get("run"), Mapping) else None
     names = names if isinstance(names, (list, tuple)) and all(isinstance(n, str) for n in names) else []
     for key, msg in plugins.load(names):
         probs.add(key, msg)
+    return list(names)
+
+
+def _explain_unknown_methods(raw: Mapping, plugin_names: list[str], probs: _Problems) -> None:
+    """An unknown ``{stage}.method`` gets its two usual causes added when they hold: the name is the other
+    stage's method, or a plugin file imported fine but registered no method (its ``register`` call never ran)."""
+    from booster_jax import plugins
+    from booster_jax.methods.base import METHODS
+
+    sources = {spec.source for spec in METHODS.values()}
+    silent = [n for n in plugin_names if plugins.is_file(n) and plugins.imported(n)
+              and os.path.realpath(n) not in sources]
+    for stage, other in (("align", "finetune"), ("finetune", "align")):
+        if f"{stage}.method" not in probs.keys:
+            continue
+        section = raw.get(stage)
+        name = section.get("method") if isinstance(section, Mapping) else None
+        notes = []
+        if isinstance(name, str) and (other, name) in METHODS:
+            notes.append(f"{name!r} is a{'n' * (other == 'align')} {other} method: {other}.method={name}")
+        if silent:
+            notes.append(f"run.plugins: {', '.join(silent)} registered no method; a defense file calls "
+                         "booster_jax.register(MethodSpec(...)), docs/extending.md")
+        if notes:
+            probs.amend(f"{stage}.method", "; ".join(notes))
 
 
 def _from_raw(raw: Mapping, probs: _Problems) -> Config:
-    _load_plugins(raw, probs)
+    plugin_names = _load_plugins(raw, probs)
     # Merge onto the full defaults so a partial section keeps its parent's
     # defaults (finetune.optim.lr stays 1e-5 when only weight_decay is given).
     cls = schema()
     cfg = _build(_merge(config_to_dict(cls()), raw), cls, "", probs)
+    _explain_unknown_methods(raw, plugin_names, probs)
     _cross_checks(cfg, probs)  # bad values fell back to defaults, so this is safe
     return cfg
 

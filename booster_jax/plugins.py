@@ -73,6 +73,12 @@ def _import_file(path: str) -> None:
     _loaded[real] = digest
 
 
+def imported(path: str) -> bool:
+    """The plugin file at ``path`` was imported (and has not changed since)."""
+    real = os.path.realpath(path)
+    return os.path.isfile(real) and _loaded.get(real) == _digest(real)
+
+
 def _import_module(name: str) -> None:
     importlib.import_module(name)
 

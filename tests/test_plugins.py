@@ -75,6 +75,28 @@ def test_an_unknown_method_lists_the_plugin_methods(tmp_path, isolated_registry)
         load_config(path)
 
 
+def test_an_unknown_method_names_a_plugin_file_that_registered_nothing(tmp_path, isolated_registry):
+    """The usual mistake behind an unknown plugin method: the file imported but its register call never ran."""
+    path = plugin_config(tmp_path, "import booster_jax as bj\n\ndef forgot():\n    pass\n", "align: {method: mine}\n")
+    with pytest.raises(BoosterInputError, match=r"got 'mine' \(run.plugins: \S*/defense.py registered no method; "
+                                                r"a defense file calls booster_jax.register"):
+        load_config(path)
+    path = plugin_config(tmp_path, PLUGIN.format(name="mine", section="mine"), "align: {method: mien}\n")
+    with pytest.raises(BoosterInputError) as err:  # a file that registered its method is not blamed
+        load_config(path)
+    assert "registered no method" not in str(err.value)
+
+
+def test_a_method_of_the_other_stage_says_which_key_takes_it(tmp_path):
+    path = write(tmp_path / "run.yaml", f"base: {os.path.abspath(SMOKE)}\nalign: {{method: lisa}}\n"
+                                         "finetune: {method: booster}\n")
+    with pytest.raises(BoosterInputError) as err:
+        load_config(str(path))
+    assert "align.method: expected one of" in str(err.value)
+    assert "got 'lisa' ('lisa' is a finetune method: finetune.method=lisa)" in str(err.value)
+    assert "got 'booster' ('booster' is an align method: align.method=booster)" in str(err.value)
+
+
 def test_a_plugin_that_fails_to_import_is_named_with_its_line(tmp_path, isolated_registry):
     path = plugin_config(tmp_path, "import booster_jax\n\nx = undefined_name\n")
     with pytest.raises(BoosterInputError) as e:
