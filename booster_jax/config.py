@@ -298,6 +298,7 @@ class Config:
 # the config section each declares: stage -> {section name: frozen dataclass}. The schema grows by these.
 EXTENSION_METHODS: dict[str, list[str]] = {"align": [], "finetune": []}
 EXTENSION_SECTIONS: dict[str, dict[str, type]] = {"align": {}, "finetune": {}}
+EXTENSION_SOURCES: set[str] = set()  # the files those methods were registered from
 _STAGE_CLASSES = {"align": AlignConfig, "finetune": FinetuneConfig}
 _SUPPORTED = (bool, int, float, str)
 
@@ -329,9 +330,10 @@ def _section_problems(stage: str, section: str, cls) -> list[str]:
     return probs
 
 
-def add_method(stage: str, name: str, section: str = "", cls=None, replace: bool = False) -> None:
+def add_method(stage: str, name: str, section: str = "", cls=None, replace: bool = False, source: str = "") -> None:
     """Make a plugin method's name (and its own section, ``{stage}.{section}``, read as ``cls``) part of
-    the schema. ``replace``: the same plugin registers again (its file was edited and imported anew)."""
+    the schema. ``replace``: the same plugin registers again (its file was edited and imported anew);
+    ``source``: the file that registered it."""
     if section and cls is not None:
         if section in EXTENSION_SECTIONS[stage] and not replace:
             raise BoosterInputError(f"config_section {section!r}: {stage}.{section} is declared already by "
@@ -342,6 +344,8 @@ def add_method(stage: str, name: str, section: str = "", cls=None, replace: bool
         EXTENSION_SECTIONS[stage][section] = cls
     if name not in EXTENSION_METHODS[stage]:
         EXTENSION_METHODS[stage].append(name)
+    if source:
+        EXTENSION_SOURCES.add(source)
     _SCHEMAS.clear()
 
 
@@ -607,18 +611,16 @@ def _explain_unknown_methods(raw: Mapping, plugin_names: list[str], probs: _Prob
     """An unknown ``{stage}.method`` gets its two usual causes added when they hold: the name is the other
     stage's method, or a plugin file imported fine but registered no method (its ``register`` call never ran)."""
     from booster_jax import plugins
-    from booster_jax.methods.base import METHODS
 
-    sources = {spec.source for spec in METHODS.values()}
     silent = [n for n in plugin_names if plugins.is_file(n) and plugins.imported(n)
-              and os.path.realpath(n) not in sources]
+              and os.path.realpath(n) not in EXTENSION_SOURCES]
     for stage, other in (("align", "finetune"), ("finetune", "align")):
         if f"{stage}.method" not in probs.keys:
             continue
         section = raw.get(stage)
         name = section.get("method") if isinstance(section, Mapping) else None
         notes = []
-        if isinstance(name, str) and (other, name) in METHODS:
+        if isinstance(name, str) and name in method_names(other):
             notes.append(f"{name!r} is a{'n' * (other == 'align')} {other} method: {other}.method={name}")
         if silent:
             notes.append(f"run.plugins: {', '.join(silent)} registered no method; a defense file calls "

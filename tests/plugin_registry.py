@@ -14,6 +14,7 @@ def isolated_registry(monkeypatch):
     monkeypatch.setattr(base, "METHODS", dict(base.METHODS))
     monkeypatch.setattr(config, "EXTENSION_METHODS", copy.deepcopy(config.EXTENSION_METHODS))
     monkeypatch.setattr(config, "EXTENSION_SECTIONS", copy.deepcopy(config.EXTENSION_SECTIONS))
+    monkeypatch.setattr(config, "EXTENSION_SOURCES", set(config.EXTENSION_SOURCES))
     monkeypatch.setattr(config, "_SCHEMAS", {})
     monkeypatch.setattr(plugins, "_loaded", {})
     monkeypatch.setattr(plugins, "_entry_points_problems", None)

@@ -254,7 +254,7 @@ def register(spec: MethodSpec) -> MethodSpec:
                                 f"{spec.config_section!r}")
     if source:  # built-in names and sections are part of the static schema (source "": built in)
         config.add_method(spec.stage, spec.name, spec.config_section if spec.config_class else "",
-                          spec.config_class, replace=old is not None)
+                          spec.config_class, replace=old is not None, source=source)
     METHODS[(spec.stage, spec.name)] = spec
     return spec
 
