@@ -74,9 +74,8 @@ def _import_file(path: str) -> None:
 
 
 def imported(path: str) -> bool:
-    """The plugin file at ``path`` was imported (and has not changed since)."""
-    real = os.path.realpath(path)
-    return os.path.isfile(real) and _loaded.get(real) == _digest(real)
+    """The plugin file at ``path`` was imported without an error."""
+    return os.path.realpath(path) in _loaded
 
 
 def _import_module(name: str) -> None:

@@ -135,33 +135,25 @@ def install() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropNoise) for f in logger.filters):
             logger.addFilter(_DropNoise())
-    if not getattr(sys.excepthook, _MARK, False):
-        inner_except = sys.excepthook
+    _wrap_once(sys, "excepthook", lambda tp, value, tb: closed_loop_callback(value))
+    _wrap_once(sys, "unraisablehook",
+               lambda u: closed_loop_callback(u.exc_value) or abandoned_orbax_coroutine(u))
+    _wrap_once(warnings, "_warn_unawaited_coroutine", unstarted_orbax_coroutine)
 
-        def excepthook(tp, value, tb):
-            if not closed_loop_callback(value):
-                inner_except(tp, value, tb)
 
-        setattr(excepthook, _MARK, True)
-        sys.excepthook = excepthook
-    if not getattr(sys.unraisablehook, _MARK, False):
-        inner_unraisable = sys.unraisablehook
+def _wrap_once(owner, attr: str, drop) -> None:
+    """Replace the hook ``owner.attr`` by one that skips the calls ``drop(*args)`` picks and passes the
+    rest on; nothing when the hook is ours already (or this Python has no such hook)."""
+    inner = getattr(owner, attr, None)
+    if inner is None or getattr(inner, _MARK, False):
+        return
 
-        def unraisablehook(unraisable):
-            if not (closed_loop_callback(unraisable.exc_value) or abandoned_orbax_coroutine(unraisable)):
-                inner_unraisable(unraisable)
+    def hook(*args):
+        if not drop(*args):
+            inner(*args)
 
-        setattr(unraisablehook, _MARK, True)
-        sys.unraisablehook = unraisablehook
-    inner_unawaited = getattr(warnings, "_warn_unawaited_coroutine", None)
-    if inner_unawaited is not None and not getattr(inner_unawaited, _MARK, False):
-
-        def warn_unawaited_coroutine(coro):
-            if not unstarted_orbax_coroutine(coro):
-                inner_unawaited(coro)
-
-        setattr(warn_unawaited_coroutine, _MARK, True)
-        warnings._warn_unawaited_coroutine = warn_unawaited_coroutine
+    setattr(hook, _MARK, True)
+    setattr(owner, attr, hook)
 
 
 __all__ = ["install", "is_noise_record"]
