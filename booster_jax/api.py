@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from booster_jax.config import Config
 from booster_jax.data.batches import collate
 from booster_jax.data.template import Example, tokenize_examples
-from booster_jax.methods.base import (Forward, StepContext, TrainState, get_method, init_state, make_optimizer,
+from booster_jax.methods.base import (Forward, StepContext, TrainState, build_step, get_method, init_state, make_optimizer,
                                       method_config)
 
 
@@ -36,5 +36,5 @@ def stage_step(cfg: Config, stage: str, forward: Forward, frozen, trainable, tot
     optimizer = make_optimizer(stage_cfg.optim, total_steps)
     section = method_config(spec, stage_cfg)
     extra = spec.init_extra(trainable, frozen, section) if spec.init_extra else ()
-    step = spec.make_step(StepContext(forward, optimizer, section, total_steps=total_steps))
+    step = build_step(spec, StepContext(forward, optimizer, section, total_steps=total_steps))
     return step, init_state(trainable, optimizer, extra)

@@ -8,6 +8,8 @@ never knows which method it runs. Adding a defense is one module that calls ``re
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Mapping
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -209,6 +211,74 @@ class MethodSpec:
     source: str = ""
 
 
+def build_step(spec: MethodSpec, ctx: StepContext) -> Callable:
+    """``spec.make_step(ctx)``, wrapped so a step that breaks the contract says how when it is traced.
+
+    The checks run in Python while ``jax.jit`` traces the step (once per compile, nothing per step), so a
+    plugin's mistake ends in one line naming its method and file instead of a traceback from inside JAX:
+    a stream read but not declared in ``streams``, a return value other than ``(state, metrics)``, a state
+    of another structure, shape or dtype than the one it got, a metric that is not one scalar.
+    """
+    step = spec.make_step(ctx)
+    where = f"{spec.stage} method {spec.name!r}" + (f" ({spec.source})" if spec.source else "")
+
+    @functools.wraps(step)
+    def checked(frozen, state, batches, rng):
+        try:
+            out = step(frozen, state, batches, rng)
+        except KeyError as e:
+            key = e.args[0] if len(e.args) == 1 else None
+            if isinstance(key, str) and key not in batches and key in STAGE_STREAMS[spec.stage]:
+                from booster_jax.errors import BoosterInputError
+
+                raise BoosterInputError(
+                    f"{where}: its step reads batches[{key!r}], but its MethodSpec declares streams "
+                    f"{tuple(spec.streams)}; add {key!r} to streams (docs/extending.md, The streams)") from None
+            raise
+        _check_step_output(where, state, out)
+        return out
+
+    return checked
+
+
+def _leaf_specs(tree) -> tuple[Any, list]:
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    return treedef, [(jax.tree_util.keystr(path), jnp.shape(x), jnp.result_type(x)) for path, x in leaves]
+
+
+def _check_step_output(where: str, state: TrainState, out) -> None:
+    """``build_step``'s check of what one traced step returned (see there)."""
+    from booster_jax.errors import BoosterInputError
+
+    usage = "expected (new state, {metric name: scalar}): return bj.apply_gradients(state, grads, ctx.optimizer), metrics"
+    if isinstance(out, TrainState) or not (isinstance(out, tuple) and len(out) == 2):
+        got = "a TrainState alone" if isinstance(out, TrainState) else (
+            f"a tuple of {len(out)}" if isinstance(out, tuple) else type(out).__name__)
+        raise BoosterInputError(f"{where}: its step returned {got}; {usage}")
+    new_state, metrics = out
+    if not isinstance(new_state, TrainState):
+        raise BoosterInputError(f"{where}: its step returned {type(new_state).__name__} as the new state; {usage}")
+    for field in TrainState._fields:
+        (old_def, old), (new_def, new) = _leaf_specs(getattr(state, field)), _leaf_specs(getattr(new_state, field))
+        if old_def != new_def:
+            raise BoosterInputError(f"{where}: the state its step returned has another tree in state.{field} than "
+                                    f"the state it received ({new_def} instead of {old_def}); a step changes "
+                                    "values, never the state's structure")
+        for (path, shape, dtype), (_, new_shape, new_dtype) in zip(old, new):
+            if (shape, dtype) != (new_shape, new_dtype):
+                raise BoosterInputError(f"{where}: its step returned state.{field}{path} as {new_dtype}{list(new_shape)}, "
+                                        f"but received it as {dtype}{list(shape)}; a step keeps every shape and dtype")
+    if not isinstance(metrics, Mapping):
+        raise BoosterInputError(f"{where}: its step returned {type(metrics).__name__} as the metrics; {usage}")
+    for name, value in metrics.items():
+        if not isinstance(name, str):
+            raise BoosterInputError(f"{where}: metric name {name!r} is not a string")
+        if not (isinstance(value, (int, float, jax.Array)) or hasattr(value, "shape")) or jnp.shape(value) != ():
+            what = f"shape {list(jnp.shape(value))}" if hasattr(value, "shape") else f"a {type(value).__name__}"
+            raise BoosterInputError(f"{where}: metric {name!r} is {what}; every metric must be one scalar "
+                                    "(a tree's size: bj.global_norm(tree))")
+
+
 def method_config(spec: MethodSpec, stage_cfg) -> Any:
     """What ``spec`` reads of a stage's config (``AlignConfig``/``FinetuneConfig``) as ``ctx.cfg``; None if nothing."""
     sec = spec.config_section
@@ -224,6 +294,8 @@ def method_config(spec: MethodSpec, stage_cfg) -> Any:
 
 
 STAGES = ("align", "finetune")
+# the batch streams a stage can feed a method's step (train.stages builds them; docs/extending.md, The streams)
+STAGE_STREAMS = {"align": ("align", "harmful"), "finetune": ("task", "align")}
 
 # Keyed by (stage, name): "sft" is both an alignment method and the fine-tuning attack.
 METHODS: dict[tuple[str, str], MethodSpec] = {}
@@ -243,6 +315,15 @@ def register(spec: MethodSpec) -> MethodSpec:
 
     if spec.stage not in STAGES:
         raise BoosterInputError(f"MethodSpec {spec.name!r}: stage {spec.stage!r}; expected one of {STAGES}")
+    known = STAGE_STREAMS[spec.stage]
+    if (isinstance(spec.streams, str) or not isinstance(spec.streams, (tuple, list)) or not spec.streams
+            or not all(s in known for s in spec.streams) or len(set(spec.streams)) != len(spec.streams)):
+        hint = f" (a string: write ({spec.streams!r},))" if isinstance(spec.streams, str) else ""
+        raise BoosterInputError(f"MethodSpec {spec.name!r}: streams {spec.streams!r}{hint}; expected a tuple of "
+                                f"distinct stream names from {known} (an {spec.stage} stage's streams)")
+    if not callable(spec.make_step):
+        raise BoosterInputError(f"MethodSpec {spec.name!r}: make_step must be a function make_step(ctx) -> step, "
+                                f"got {spec.make_step!r}")
     source = spec.source or _outside_package(sys._getframe(1).f_code.co_filename)  # the file calling register
     spec = dataclasses.replace(spec, source=source)
     old = METHODS.get((spec.stage, spec.name))

@@ -26,7 +26,7 @@ from booster_jax.data.batches import BatchStream
 from booster_jax.data.template import tokenize_examples
 from booster_jax.errors import BoosterInputError
 from booster_jax.fingerprint import config_parts, options_on
-from booster_jax.methods.base import Forward, StepContext, get_method, init_state, make_optimizer, method_config
+from booster_jax.methods.base import Forward, StepContext, build_step, get_method, init_state, make_optimizer, method_config
 from booster_jax.models import hf
 from booster_jax.models.llama import LlamaConfig, LoraSpec, make_model
 from booster_jax.models.lora import init_lora, merge_lora
@@ -312,7 +312,7 @@ def train(cfg: Config, spec: TrainSpec, forward: Forward, frozen, trainable, str
     log.info("%s: starting, %d steps -> %s", name, steps, stage_dir)
     used = {k: streams[k] for k in method.streams}
     mesh_rows = mesh_padding(mesh, used, name)
-    step_fn = method.make_step(StepContext(forward, optimizer, section, total_steps=steps))
+    step_fn = build_step(method, StepContext(forward, optimizer, section, total_steps=steps))
     program = StepProgram(parallel.shard_activations(step_fn, mesh),  # scale-out: batch-sharded activations
                           jit_kwargs=parallel.step_jit_kwargs(mesh, frozen, state),  # scale-out
                           place_batch=parallel.batch_placer(mesh))  # scale-out
