@@ -26,11 +26,13 @@ import difflib
 import logging
 import os
 import sys
+from collections.abc import Sequence
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "synthetic", "default.yaml")
 COMMANDS = ("all", "align", "finetune", "evaluate", "report", "world", "pretrain", "plan", "export", "prepare-real",
             "methods")
 WRITES_RUN_DIR = ("all", "align", "finetune", "evaluate")
+RUNS_THE_GRID = WRITES_RUN_DIR + ("export",)  # the commands that apply grid variants on top of the config
 REAL_DATA_DIR = os.path.join("data", "real")  # relative to the working directory, as configs/real's paths
 
 
@@ -66,12 +68,17 @@ def _looks_like_command(word: str) -> bool:
     return "=" not in word and os.sep not in word and "." not in word and not os.path.exists(word)
 
 
-def preflight(command: str):
-    """extra_checks for load_config: the data files and the mesh, reported with the config's own problems.
-    ``plan`` reads no rows, so its data files may be missing (it names them in a note instead)."""
+def preflight(command: str, overrides: Sequence[str] = ()):
+    """extra_checks for load_config: the data files, the mesh and, for a command that runs the grid, the
+    overrides that its variants would replace, reported with the config's own problems. ``plan`` reads no
+    rows, so its data files may be missing (it names them in a note instead)."""
 
     def checks(cfg):
+        from booster_jax.config import overrides_the_variants_replace
         from booster_jax.data.synthetic import embedded
+
+        if command in RUNS_THE_GRID:
+            yield from overrides_the_variants_replace(cfg, overrides)
 
         if command != "plan":
             yield from embedded.data_file_problems(cfg)
@@ -150,7 +157,7 @@ def run(command: str, config_path: str, overrides: list[str], progress: bool = T
 
     parallel.initialize_distributed()  # before the mesh check counts the devices
     # every config, data-file and mesh problem is reported here, at once, before any work
-    cfg = load_config(config_path, overrides, extra_checks=preflight(command))
+    cfg = load_config(config_path, overrides, extra_checks=preflight(command, overrides))
     if command in WRITES_RUN_DIR:
         from booster_jax.rundir import claim_run_dir
 

@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -25,6 +26,8 @@ import yaml
 
 from booster_jax.errors import BoosterInputError
 from booster_jax.models.schema import DTYPE_NAMES, LORA_TARGETS
+
+log = logging.getLogger(__name__)
 
 ALIGN_METHODS = ("sft", "booster", "vaccine", "repnoise", "booster_vaccine")
 FINETUNE_METHODS = ("sft", "lisa")
@@ -767,6 +770,42 @@ def load_config(path: str | None = None, overrides: Sequence[str] = (),
                 probs.add(key, msg)
     probs.raise_if_any(" + ".join(filter(None, [path, "overrides" if overrides else ""])))
     return cfg
+
+
+def overrides_the_variants_replace(cfg: Config, overrides: Sequence[str]) -> list[tuple[str, str]]:
+    """[(key, problem)] for command-line ``key=value`` overrides that every grid variant sets too; a warning for
+    those that some variants set. Each run of the grid applies its variant's overrides on top of the config
+    (``pipeline.align_runs``), so there the variant's value wins: an override that every variant replaces
+    changes nothing, silently, and one that some replace reaches only the others. For the commands that run
+    the grid (``run.py``'s preflight); elsewhere (``plan``, the Python API) the top-level value is the one used.
+    A malformed override is skipped here: ``load_config`` reports it."""
+    variants, problems = cfg.grid.variants, []
+    for text in overrides:
+        try:
+            key = parse_override(text)[0]
+        except BoosterInputError:
+            continue
+        if not variants or key == "grid" or key.startswith("grid."):
+            continue
+        setters = {}
+        for name, ov in variants.items():
+            hit = next((k for k in ov if key == k or key.startswith(k + ".")), None)
+            if hit is not None:
+                setters[name] = f"{name}: {hit}={ov[hit]!r}"
+        if not setters:
+            continue
+        own = f"grid.variants.{next(iter(setters))}.{key}=..."
+        if len(setters) == len(variants):
+            problems.append((key, f"every grid variant sets it ({', '.join(setters.values())}), and a variant's "
+                                  f"value wins over the command line, so this override changes nothing; override a "
+                                  f"variant's own value ({own}) or run without the variants (grid.variants={{}})"))
+        else:
+            which = (f"grid variant {next(iter(setters))} sets it itself" if len(setters) == 1
+                     else f"grid variants {', '.join(setters)} set it themselves")
+            log.warning("the override %s reaches only the grid variants that do not set it: %s (%s), and a "
+                        "variant's value wins; to change theirs, override it per variant (%s)",
+                        key, which, "; ".join(setters.values()), own)
+    return problems
 
 
 def config_fingerprint(cfg: Config, sections: Sequence[str] | None = None, omit: Sequence[str] = ()) -> str:

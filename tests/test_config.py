@@ -5,7 +5,7 @@ import yaml
 
 from booster_jax.config import (
     Config, apply_overrides, config_fingerprint, config_from_dict, config_to_dict,
-    load_config, save_config,
+    load_config, overrides_the_variants_replace, save_config,
 )
 from booster_jax.errors import BoosterInputError
 
@@ -121,6 +121,41 @@ def test_grid_variants_validated_and_applied(tmp_path):
         apply_overrides(Config(), {"align.batch_size": -3})
 
 
+def test_a_command_line_override_that_the_variants_replace(tmp_path, caplog, capsys):
+    path = _write(tmp_path / "c.yaml", "grid:\n  variants:\n    sft: {align.method: sft}\n"
+                                       "    booster: {align.method: booster, align: {booster: {lam: 1}}}\n")
+
+    def check(*overrides):
+        return overrides_the_variants_replace(load_config(path, overrides), overrides)
+
+    # every variant sets align.method, and a variant's value wins: the override would change nothing
+    [(key, problem)] = check("align.method=vaccine", "align.epochs=2")
+    assert key == "align.method" and problem.startswith(
+        "every grid variant sets it (sft: align.method='sft', booster: align.method='booster')")
+    assert "grid.variants.sft.align.method=..." in problem and "grid.variants={}" in problem
+    # the two ways out it names both work
+    assert check("align.method=vaccine", "grid.variants={}") == []
+    assert load_config(path, ["align.method=vaccine", "grid.variants={}"]).align.method == "vaccine"
+    c = load_config(path, ["grid.variants.booster.align.method=vaccine"])
+    assert c.grid.variants["booster"] == {"align.method": "vaccine", "align.booster.lam": 1}
+    # a key that only some variants set (or one under a key they set) reaches the others, with a warning
+    with caplog.at_level("WARNING", logger="booster_jax.config"):
+        assert check("align.booster.lam=5", "align.booster.alpha=0.2") == []
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and warnings[0].startswith(
+        "the override align.booster.lam reaches only the grid variants that do not set it: grid variant booster "
+        "sets it itself (booster: align.booster.lam=1)")
+    # run.py: a command that runs the grid refuses it before any work; plan (the top-level method) takes it
+    import run as cli
+
+    assert cli.main(["align", path, "align.method=vaccine", f"run.output_dir={tmp_path}/out"]) == 2
+    err = capsys.readouterr().err
+    assert "align.method: every grid variant sets it" in err and not (tmp_path / "out").exists()
+    assert cli.main(["plan", path, "align.method=vaccine", "plan.compile=false", "plan.devices=1",
+                     f"run.output_dir={tmp_path}/plan"]) == 0
+    assert "align:vaccine" in capsys.readouterr().out
+
+
 def test_fingerprint():
     c = Config()
     model_sections = ("model", "lora", "data", "align")
@@ -138,7 +173,7 @@ def test_fingerprint():
 
 def test_round_trips(tmp_path):
     c = load_config(None, ["align.method=vaccine", "finetune.optim.max_grad_norm=null",
-                           "grid.variants={a: {align.method: sft}}", "data.bucket_lengths=[16]"])
+                           "grid.variants={a: {align.epochs: 3}}", "data.bucket_lengths=[16]"])
     d = config_to_dict(c)
     json.dumps(d)
     assert config_from_dict(d) == c
