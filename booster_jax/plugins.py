@@ -55,6 +55,9 @@ def _describe(exc: BaseException, path: str) -> str:
 
 def _import_file(path: str) -> None:
     real = os.path.realpath(path)
+    if os.path.isdir(real) or (os.path.isfile(real) and not real.endswith(".py")):
+        raise BoosterInputError(f"{'a directory' if os.path.isdir(real) else 'not a Python file'}; a plugin is a "
+                                ".py file or an importable module name (my_pkg.defenses)")
     if not os.path.isfile(real):
         raise FileNotFoundError(f"no such file: {path}")
     digest = _digest(real)

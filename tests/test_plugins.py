@@ -105,6 +105,19 @@ def test_a_plugin_that_fails_to_import_is_named_with_its_line(tmp_path, isolated
     assert "(line 3)" in str(e.value)
 
 
+@pytest.mark.parametrize("entry, expected", [
+    ("folder", "a directory; a plugin is a .py file or an importable module name (my_pkg.defenses)"),
+    ("c.yaml", "not a Python file; a plugin is a .py file or an importable module name"),
+    ("missing.py", "cannot import it: FileNotFoundError: no such file"),
+])
+def test_a_plugin_entry_that_is_not_a_python_file_says_what_it_is(tmp_path, isolated_registry, entry, expected):
+    (tmp_path / "folder").mkdir()
+    write(tmp_path / "c.yaml", "align: {method: sft}\n")
+    with pytest.raises(BoosterInputError) as e:
+        load_config(None, [f"run.plugins=[{tmp_path / entry}]"])
+    assert f"run.plugins[0]: {tmp_path / entry}: {expected}" in str(e.value)
+
+
 @pytest.mark.parametrize("name, section, expected", [
     ("booster", "mine", "align method 'booster' is registered already by booster-jax (built in)"),
     ("mine", "optim", "align.optim is a built-in key"),
