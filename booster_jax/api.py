@@ -14,8 +14,8 @@ import jax.numpy as jnp
 from booster_jax.config import Config
 from booster_jax.data.batches import collate
 from booster_jax.data.template import Example, tokenize_examples
-from booster_jax.methods.base import (Forward, StepContext, TrainState, build_step, get_method, init_state, make_optimizer,
-                                      method_config)
+from booster_jax.methods.base import (Forward, StepContext, TrainState, build_extra, build_step, get_method,
+                                      init_state, make_optimizer, method_config)
 
 
 def make_batch(cfg: Config, tokenizer, examples: Sequence[Example]) -> dict[str, Any]:
@@ -35,6 +35,6 @@ def stage_step(cfg: Config, stage: str, forward: Forward, frozen, trainable, tot
     spec = get_method(method or stage_cfg.method, stage)
     optimizer = make_optimizer(stage_cfg.optim, total_steps)
     section = method_config(spec, stage_cfg)
-    extra = spec.init_extra(trainable, frozen, section) if spec.init_extra else ()
+    extra = build_extra(spec, trainable, frozen, section)
     step = build_step(spec, StepContext(forward, optimizer, section, total_steps=total_steps))
     return step, init_state(trainable, optimizer, extra)

@@ -193,7 +193,8 @@ def _compiled_memory(cfg, llama, spec, method, stage, rows, mesh) -> dict:
     """XLA's memory_analysis of the jitted step on abstract, sharded inputs (nothing is allocated)."""
     from jax.sharding import NamedSharding
 
-    from booster_jax.methods.base import Forward, StepContext, build_step, get_method, init_state, make_optimizer, method_config
+    from booster_jax.methods.base import (Forward, StepContext, build_extra, build_step, get_method, init_state,
+                                          make_optimizer, method_config)
     from booster_jax.models.llama import init_params, make_model
     from booster_jax.models.lora import init_lora
 
@@ -205,7 +206,7 @@ def _compiled_memory(cfg, llama, spec, method, stage, rows, mesh) -> dict:
     section = method_config(ms, stage_cfg)
     params = jax.eval_shape(lambda: init_params(model, jax.random.key(0)))
     lora = jax.eval_shape(lambda: init_lora(jax.random.key(0), llama, spec))
-    extra = jax.eval_shape(lambda: ms.init_extra(lora, params, section)) if ms.init_extra else ()
+    extra = jax.eval_shape(lambda: build_extra(ms, lora, params, section))
     state = jax.eval_shape(lambda: init_state(lora, optimizer, extra))
     step = parallel.shard_activations(build_step(ms, StepContext(Forward(model), optimizer, section)), mesh)
 

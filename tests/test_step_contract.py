@@ -2,6 +2,8 @@
 and the broken rule, raised while jax.jit traces the step (methods.base.build_step), not in a traceback from
 inside JAX; a step that keeps the contract runs exactly as it would unwrapped. Registration checks the streams."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,7 +13,7 @@ import booster_jax as bj
 from booster_jax.config import BoosterConfig, OptimConfig
 from booster_jax.errors import BoosterInputError
 from booster_jax.methods import base
-from booster_jax.methods.base import build_step
+from booster_jax.methods.base import build_extra, build_step
 from tests.plugin_registry import isolated_registry  # noqa: F401  (fixture)
 from tests.test_extending import tiny_setup
 
@@ -135,3 +137,18 @@ def test_registration_checks_the_streams(isolated_registry, streams, expected):
 def test_registration_checks_make_step(isolated_registry):
     with pytest.raises(BoosterInputError, match="make_step must be a function make_step"):
         bj.register(bj.MethodSpec(name="mine", stage="align", streams=("align",), make_step=None))
+
+
+def test_an_extra_state_that_is_not_arrays_is_named_before_the_step_is_traced():
+    forward, params, lora, batches = tiny_setup()
+    spec = bj.MethodSpec(name="mine", stage="align", streams=("align",), make_step=bj.make_sft_step,
+                         source="/defenses/mine.py",
+                         init_extra=lambda trainable, frozen, section: {"anchor": trainable, "note": "hello"})
+    with pytest.raises(BoosterInputError) as e:
+        build_extra(spec, lora, params, None)
+    assert str(e.value).startswith("align method 'mine' (/defenses/mine.py): init_extra returned "
+                                   "state.extra['note'] = 'hello' (a str); the extra state holds arrays and numbers")
+    ok = dataclasses.replace(spec, init_extra=lambda trainable, frozen, section: {"anchor": trainable, "count": 0})
+    extra = build_extra(ok, lora, params, None)
+    assert extra["count"] == 0 and jax.tree.structure(extra["anchor"]) == jax.tree.structure(lora)
+    assert build_extra(dataclasses.replace(spec, init_extra=None), lora, params, None) == ()

@@ -211,6 +211,24 @@ class MethodSpec:
     source: str = ""
 
 
+def build_extra(spec: MethodSpec, trainable, frozen, section) -> Any:
+    """The method's own first state (``spec.init_extra``; () without one), checked to be arrays or numbers
+    only: it is a jitted argument of every step and part of every checkpoint."""
+    if spec.init_extra is None:
+        return ()
+    extra = spec.init_extra(trainable, frozen, section)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(extra)[0]:
+        if not (isinstance(leaf, (int, float, bool, jax.Array, jax.ShapeDtypeStruct)) or hasattr(leaf, "dtype")):
+            from booster_jax.errors import BoosterInputError
+
+            raise BoosterInputError(
+                f"{spec.stage} method {spec.name!r}" + (f" ({spec.source})" if spec.source else "") +
+                f": init_extra returned state.extra{jax.tree_util.keystr(path)} = {leaf!r:.60} (a "
+                f"{type(leaf).__name__}); the extra state holds arrays and numbers only (it is jitted and "
+                "checkpointed): keep settings in the config section (ctx.cfg)")
+    return extra
+
+
 def build_step(spec: MethodSpec, ctx: StepContext) -> Callable:
     """``spec.make_step(ctx)``, wrapped so a step that breaks the contract says how when it is traced.
 
@@ -250,7 +268,8 @@ def _check_step_output(where: str, state: TrainState, out) -> None:
     """``build_step``'s check of what one traced step returned (see there)."""
     from booster_jax.errors import BoosterInputError
 
-    usage = "expected (new state, {metric name: scalar}): return bj.apply_gradients(state, grads, ctx.optimizer), metrics"
+    usage = ("expected (new state, {metric name: scalar}): "
+             "return bj.apply_gradients(state, grads, ctx.optimizer), metrics")
     if isinstance(out, TrainState) or not (isinstance(out, tuple) and len(out) == 2):
         got = "a TrainState alone" if isinstance(out, TrainState) else (
             f"a tuple of {len(out)}" if isinstance(out, tuple) else type(out).__name__)
@@ -266,8 +285,9 @@ def _check_step_output(where: str, state: TrainState, out) -> None:
                                     "values, never the state's structure")
         for (path, shape, dtype), (_, new_shape, new_dtype) in zip(old, new):
             if (shape, dtype) != (new_shape, new_dtype):
-                raise BoosterInputError(f"{where}: its step returned state.{field}{path} as {new_dtype}{list(new_shape)}, "
-                                        f"but received it as {dtype}{list(shape)}; a step keeps every shape and dtype")
+                raise BoosterInputError(f"{where}: its step returned state.{field}{path} as "
+                                        f"{new_dtype}{list(new_shape)}, but received it as {dtype}{list(shape)}; "
+                                        "a step keeps every shape and dtype")
     if not isinstance(metrics, Mapping):
         raise BoosterInputError(f"{where}: its step returned {type(metrics).__name__} as the metrics; {usage}")
     for name, value in metrics.items():

@@ -26,7 +26,8 @@ from booster_jax.data.batches import BatchStream
 from booster_jax.data.template import tokenize_examples
 from booster_jax.errors import BoosterInputError
 from booster_jax.fingerprint import config_parts, options_on
-from booster_jax.methods.base import Forward, StepContext, build_step, get_method, init_state, make_optimizer, method_config
+from booster_jax.methods.base import (Forward, StepContext, build_extra, build_step, get_method, init_state,
+                                      make_optimizer, method_config)
 from booster_jax.models import hf
 from booster_jax.models.llama import LlamaConfig, LoraSpec, make_model
 from booster_jax.models.lora import init_lora, merge_lora
@@ -292,7 +293,7 @@ def train(cfg: Config, spec: TrainSpec, forward: Forward, frozen, trainable, str
     store = StageStore(stage_dir, cfg.run.keep_last, cfg.run.checkpoint_every, fingerprint=fp, also_accept=accept)
     optimizer = make_optimizer(stage_cfg.optim, steps)
     section = method_config(method, stage_cfg)
-    extra = method.init_extra(trainable, frozen, section) if method.init_extra else ()
+    extra = build_extra(method, trainable, frozen, section)
     state = init_state(trainable, optimizer, extra)
     if opt_state is not None:  # continue another stage's optimizer (align.warmup_optimizer: keep)
         state = state._replace(opt_state=opt_state)
