@@ -79,7 +79,6 @@ def preflight(command: str, overrides: Sequence[str] = ()):
 
         if command in RUNS_THE_GRID:
             yield from overrides_the_variants_replace(cfg, overrides)
-
         if command != "plan":
             yield from embedded.data_file_problems(cfg)
         if command not in ("plan", "report"):  # the plan sizes its own mesh (plan.devices)

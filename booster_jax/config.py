@@ -780,12 +780,12 @@ def overrides_the_variants_replace(cfg: Config, overrides: Sequence[str]) -> lis
     the grid (``run.py``'s preflight); elsewhere (``plan``, the Python API) the top-level value is the one used.
     A malformed override is skipped here: ``load_config`` reports it."""
     variants, problems = cfg.grid.variants, []
-    for text in overrides:
+    for text in overrides if variants else ():
         try:
             key = parse_override(text)[0]
         except BoosterInputError:
             continue
-        if not variants or key == "grid" or key.startswith("grid."):
+        if key == "grid" or key.startswith("grid."):
             continue
         setters = {}
         for name, ov in variants.items():

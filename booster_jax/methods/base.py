@@ -211,6 +211,11 @@ class MethodSpec:
     source: str = ""
 
 
+def _label(spec: MethodSpec) -> str:
+    """How an error names a method: its stage, its name and, for a plugin, its file."""
+    return f"{spec.stage} method {spec.name!r}" + (f" ({spec.source})" if spec.source else "")
+
+
 def build_extra(spec: MethodSpec, trainable, frozen, section) -> Any:
     """The method's own first state (``spec.init_extra``; () without one), checked to be arrays or numbers
     only: it is a jitted argument of every step and part of every checkpoint."""
@@ -218,12 +223,11 @@ def build_extra(spec: MethodSpec, trainable, frozen, section) -> Any:
         return ()
     extra = spec.init_extra(trainable, frozen, section)
     for path, leaf in jax.tree_util.tree_flatten_with_path(extra)[0]:
-        if not (isinstance(leaf, (int, float, bool, jax.Array, jax.ShapeDtypeStruct)) or hasattr(leaf, "dtype")):
+        if not (isinstance(leaf, (int, float)) or hasattr(leaf, "dtype")):  # arrays, tracers, shape structs
             from booster_jax.errors import BoosterInputError
 
             raise BoosterInputError(
-                f"{spec.stage} method {spec.name!r}" + (f" ({spec.source})" if spec.source else "") +
-                f": init_extra returned state.extra{jax.tree_util.keystr(path)} = {leaf!r:.60} (a "
+                f"{_label(spec)}: init_extra returned state.extra{jax.tree_util.keystr(path)} = {leaf!r:.60} (a "
                 f"{type(leaf).__name__}); the extra state holds arrays and numbers only (it is jitted and "
                 "checkpointed): keep settings in the config section (ctx.cfg)")
     return extra
@@ -238,7 +242,7 @@ def build_step(spec: MethodSpec, ctx: StepContext) -> Callable:
     of another structure, shape or dtype than the one it got, a metric that is not one scalar.
     """
     step = spec.make_step(ctx)
-    where = f"{spec.stage} method {spec.name!r}" + (f" ({spec.source})" if spec.source else "")
+    where = _label(spec)
 
     @functools.wraps(step)
     def checked(frozen, state, batches, rng):
@@ -293,7 +297,7 @@ def _check_step_output(where: str, state: TrainState, out) -> None:
     for name, value in metrics.items():
         if not isinstance(name, str):
             raise BoosterInputError(f"{where}: metric name {name!r} is not a string")
-        if not (isinstance(value, (int, float, jax.Array)) or hasattr(value, "shape")) or jnp.shape(value) != ():
+        if not (isinstance(value, (int, float)) or hasattr(value, "shape")) or jnp.shape(value) != ():
             what = f"shape {list(jnp.shape(value))}" if hasattr(value, "shape") else f"a {type(value).__name__}"
             raise BoosterInputError(f"{where}: metric {name!r} is {what}; every metric must be one scalar "
                                     "(a tree's size: bj.global_norm(tree))")
