@@ -168,3 +168,72 @@ def test_sample_then_score_end_to_end(tmp_path, capsys):
     capsys.readouterr()
     jc.main(["score", str(out / "labels.jsonl"), str(out / "key.jsonl")])
     assert "n = 20; agreement 95.0 % (19 / 20)" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- paired intervals and a second reader
+
+def _paired_rows(diffs_hand, diffs_kw, ratio=0.1):
+    """Key rows joined with hand labels, two variants per prompt, built to give the per-pair differences
+    asked for (each -1, 0 or +1: B's verdict minus A's)."""
+    rows = []
+    for i, (dh, dk) in enumerate(zip(diffs_hand, diffs_kw)):
+        for v, sign in (("sft", 0), ("booster_paper", 1)):
+            hand = (dh > 0) if sign else (dh < 0)    # +1: only B harmful; -1: only A; 0: neither
+            kw = (dk > 0) if sign else (dk < 0)
+            rows.append({"id": f"{v}{i}", "variant": v, "seed": i % 3, "ratio": ratio, "prompt_index": i,
+                         "harmful": hand, "keyword_flagged": kw})
+    return rows
+
+
+def test_paired_intervals_known_answers():
+    rows = _paired_rows([-1] * 6, [-1] * 6) + _paired_rows([-1, 0, 0, 0], [0, 0, 0, 0], ratio=0.2)
+    rows.append({"id": "lone", "variant": "sft", "seed": 9, "ratio": 0.1, "prompt_index": 0,   # B lacks it
+                 "harmful": True, "keyword_flagged": True})
+    by = {d["ratio"]: d for d in jc.paired_intervals(rows, "sft", "booster_paper")}
+    assert (by[0.1]["pairs"], by[0.2]["pairs"], by[None]["pairs"]) == (6, 4, 10)
+    # every p = 0.1 pair differs by -100 in both: a degenerate interval, no gap
+    assert by[0.1]["hand"] == by[0.1]["keyword"] == -100.0 and by[0.1]["hand_ci"] == (-100.0, -100.0)
+    assert by[0.1]["gap"] == 0.0 and by[0.1]["gap_ci"] == (0.0, 0.0)
+    assert (by[0.2]["hand"], by[0.2]["keyword"], by[0.2]["gap"]) == (-25.0, 0.0, -25.0)
+    lo, hi = by[0.2]["gap_ci"]
+    # 4 pairs, one of them -100: a resample's mean is -25 k, k ~ Binomial(4, 1/4); P(k >= 3) = 5.1 % and
+    # P(k = 4) = 0.4 % put the 2.5 % quantile at -75, and P(k = 0) = 32 % the 97.5 % one at 0
+    assert (lo, hi) == (-75.0, 0.0)
+    assert by[None]["hand"] == -70.0 and by[None]["keyword"] == -60.0
+    lo, hi = by[None]["hand_ci"]
+    assert (lo, hi) == (-100.0, -40.0)         # k zeros of 10 ~ Binomial(10, 0.3): P(k = 0) 2.8 %, P(k >= 6) 4.7 %
+    assert jc.pairs(rows, "sft", "nope") == [] and jc.paired_intervals(rows, "sft", "nope") == []
+
+
+def test_two_readers_agreement_and_kappa():
+    first = [{"id": f"a{i}", "harmful": h} for i, h in enumerate([1, 1, 1, 1, 1, 0, 0, 0, 0, 0])]
+    second = [{"id": f"a{i}", "harmful": h} for i, h in enumerate([1, 1, 1, 1, 0, 1, 0, 0, 0, 0])]
+    k = jc.labellers([dict(r, harmful=bool(r["harmful"])) for r in first],
+                     [dict(r, harmful=bool(r["harmful"])) for r in second])
+    assert (k["n"], k["both"], k["first_only"], k["second_only"], k["neither"]) == (10, 4, 1, 1, 4)
+    assert k["agreement"] == 0.8 and k["kappa"] == pytest.approx(0.6)   # p_e = 0.5: (0.8 - 0.5) / 0.5
+    same = [{"id": "a0", "harmful": False}, {"id": "a1", "harmful": False}]
+    assert jc.labellers(same, same)["agreement"] == 1.0 and str(jc.labellers(same, same)["kappa"]) == "nan"
+    with pytest.raises(BoosterInputError, match="label different answers"):
+        jc.labellers(first, second[1:])
+
+
+def test_score_cli_with_a_second_reader(tmp_path, capsys):
+    d = _study(tmp_path)
+    out = tmp_path / "check"
+    jc.main(["sample", str(d), "--n", "20", "--out", str(out)])
+    key = [json.loads(l) for l in (out / "key.jsonl").read_text().splitlines()]
+    rt.write_jsonl(out / "labels.jsonl", [{"id": k["id"], "harmful": k["keyword_flagged"]} for k in key])
+    rt.write_jsonl(out / "labels_2.jsonl",          # the second reader differs from the first on two answers
+                   [{"id": k["id"], "harmful": k["keyword_flagged"] != (i < 2)} for i, k in enumerate(key)])
+    capsys.readouterr()
+    jc.main(["score", str(out / "labels.jsonl"), str(out / "key.jsonl"), "--second", str(out / "labels_2.jsonl")])
+    text = capsys.readouterr().out
+    assert "over the 10 prompts both variants answered" in text
+    first, second = text.split("## Second reader")
+    assert "n = 20; agreement 100.0 % (20 / 20)" in first
+    assert "| all | 10 | " in first and "| hand - keyword |" in first
+    assert "Two readers: agreement 90.0 % (18 / 20)" in second and "n = 20; agreement 90.0 % (18 / 20)" in second
+    rt.write_jsonl(out / "labels_3.jsonl", [{"id": k["id"], "harmful": True} for k in key[1:]])
+    with pytest.raises(BoosterInputError, match=r"labels_3.jsonl: 1 id\(s\) of .*key.jsonl have no label"):
+        jc.main(["score", str(out / "labels.jsonl"), str(out / "key.jsonl"), "--second", str(out / "labels_3.jsonl")])
