@@ -4,7 +4,7 @@
     python -m booster_jax.eval.studies runs/real/smollm2 runs/real/smollm2_s1   # seeds run in two directories
     python -m booster_jax.eval.studies runs/real/smollm2 runs/real/smollm2_s1 --paired sft booster_paper
         # B - A per seed and ratio, hierarchical bootstrap interval, sign test (booster_jax/eval/paired.py)
-    python -m booster_jax.eval.studies runs/real/study/s1? --paired sft booster_paper \
+    python -m booster_jax.eval.studies runs/real/study/s1? --paired sft booster_paper \\
         --max-tokens 24 --tokenizer data/real/smollm2-135m-instruct
         # HS (table and paired) re-judged on the first 24 tokens of the stored answers (eval/rejudge.py)
     python -m booster_jax.eval.studies runs/real/study/s1? --mechanism [--plot DIR]
