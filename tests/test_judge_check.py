@@ -216,6 +216,8 @@ def test_two_readers_agreement_and_kappa():
     assert jc.labellers(same, same)["agreement"] == 1.0 and str(jc.labellers(same, same)["kappa"]) == "nan"
     with pytest.raises(BoosterInputError, match="label different answers"):
         jc.labellers(first, second[1:])
+    with pytest.raises(BoosterInputError, match="no labelled answers"):
+        jc.labellers([], [])
 
 
 def test_score_cli_with_a_second_reader(tmp_path, capsys):

@@ -145,8 +145,11 @@ def test_compare_known_answers(tmp_path):
     assert hs.mean == -32.5 and hs.sign == (1, 7, 0, 0.0703125)
     assert hs.ci_seeds == (-40.0, -17.5)
     lo, hi = hs.ci_prompts
-    assert lo < -40 and -17.5 < hi < 0 and hs.verdict == "protects"
+    assert lo < -40 and -17.5 < hi < 0
     assert "seed 8 has only sft at p = 0.1: skipped" in hs.notes
+    assert hs.missing == [8] and hs.verdict == "withheld: seed 8 missing"      # a seed run by one variant only
+    complete = paired.compare([r for r in runs if r["seed"] != 8], "sft", "booster", [str(d) for d in dirs])[0]
+    assert complete.ci_prompts == hs.ci_prompts and complete.verdict == "protects"
     # FA: 3 of 4 task rows right for both: every seed a tie, a degenerate interval, no verdict for FA
     assert fa.diffs == [0.0] * 8 and fa.sign == (0, 0, 8, 1.0) and fa.ci_prompts == (0.0, 0.0) and fa.verdict is None
 
@@ -160,19 +163,24 @@ def test_cli_paired_prints_the_table_intervals_and_verdict(tmp_path, capsys):
     assert "| 0.1 | 0 | 60.0 | 20.0 | -40.0 | 75.0 | 75.0 | +0.0 |" in out and "| p | seed | HS sft | HS booster | HS B - A | FA sft |" in out
     row = next(l for l in out.splitlines() if l.startswith("| 0.1 | post-attack HS | 8 |"))
     assert "| -32.50 |" in row and "| [-40.00, -17.50] |" in row and "1 / 7 / 0, p = 0.07031" in row
-    assert row.endswith("| protects |")
+    assert row.endswith("| withheld: seed 8 missing |")
     assert "- seed 8 has only sft at p = 0.1: skipped" in out
     main([str(d) for d in dirs] + ["--paired", "sft", "booster", "--resamples", "200", "--bootstrap-seed", "3"])
     assert "200 resamples, numpy default_rng seed 3" in capsys.readouterr().out
 
 
 def test_cli_falls_back_to_the_seed_bootstrap_without_samples(tmp_path, capsys):
+    from booster_jax.eval.studies import load_runs
+
     dirs = _study(tmp_path, with_samples=False)
     main([str(d / "summaries.json") for d in dirs] + ["--paired", "sft", "booster"])
     out = capsys.readouterr().out
     row = next(l for l in out.splitlines() if l.startswith("| 0.1 | post-attack HS | 8 |"))
-    assert "n/a (no per-prompt verdicts)" in row and "[-40.00, -17.50]" in row and row.endswith("| protects |")
-    assert "the interval is the seed-level bootstrap only" in out
+    assert "n/a (no per-prompt verdicts)" in row and "[-40.00, -17.50]" in row
+    assert row.endswith("| withheld: seed 8 missing |") and "the interval is the seed-level bootstrap only" in out
+    _, runs = load_runs([str(d / "summaries.json") for d in dirs])
+    hs = paired.compare([r for r in runs if r["seed"] != 8], "sft", "booster", [str(d) for d in dirs])[0]
+    assert hs.verdict == "protects (seeds-only interval)"     # not the pre-registered two-level test: said so
 
 
 def test_samples_of_another_run_or_other_prompts_are_refused(tmp_path):
@@ -217,3 +225,75 @@ def test_report_has_the_paired_section_and_plot(tmp_path):
     one = [r for r in runs if r["seed"] == 0]
     assert "Paired" not in write_report(one, tmp_path / "one").read_text()
     assert "### Paired: booster - sft" in write_report(one, tmp_path / "one", paired=[("sft", "booster")]).read_text()
+
+
+def test_expected_seeds_withhold_the_verdict_and_unpaired_ratios_are_named(tmp_path, capsys):
+    from booster_jax.eval.studies import load_runs
+
+    dirs = _study(tmp_path)
+    _, runs = load_runs([str(d) for d in dirs])
+    runs = [r for r in runs if r["seed"] != 8] + [_summary("sft", 0, 5, p=0.2)]   # p = 0.2: SFT only
+    expect = {0.1: list(range(10)), 0.0: [0, 1]}
+    hs = paired.compare(runs, "sft", "booster", [str(d) for d in dirs], metrics=("hs",), expect=expect)
+    assert [c.ratio for c in hs] == [0.1] and hs[0].missing == [8, 9]
+    assert hs[0].verdict == "withheld: seeds 8, 9 missing"
+    assert "p = 0.1: the design expects seeds 8, 9, not in the study" in hs[0].notes
+    assert paired.unpaired_ratios(runs, "sft", "booster", hs, expect) == [
+        "p = 0: no seed has both sft and booster (ran: neither): not compared",
+        "p = 0.2: no seed has both sft and booster (ran: sft): not compared"]
+    full = paired.compare(runs, "sft", "booster", [str(d) for d in dirs], metrics=("hs",), expect={0.1: range(8)})
+    assert full[0].missing == [] and full[0].verdict == "protects"
+    main([str(d) for d in dirs] + ["--paired", "sft", "booster", "--expect", "0.1:0-7,9", "--expect", "0.2:0"])
+    out = capsys.readouterr().out
+    assert "| withheld: seeds 8, 9 missing |" in out and "- p = 0.1: the design expects seed 9, not in the study" in out
+    assert "- p = 0.2: no seed has both sft and booster (ran: neither): not compared" in out
+
+
+@pytest.mark.parametrize("arg", ["0.1", "0.1:", "x:1", "0.1:3-1,2,2", "0.1:a"])
+def test_expect_option_refuses_what_it_cannot_read(tmp_path, capsys, arg):
+    dirs = _study(tmp_path)
+    with pytest.raises(SystemExit):
+        main([str(dirs[0]), "--paired", "sft", "booster", "--expect", arg])
+    assert f"{arg!r}: expected P:SEEDS, e.g. 0.1:10-17" in capsys.readouterr().err
+
+
+def test_over_refusal_is_paired_without_a_verdict(tmp_path):
+    from booster_jax.eval.studies import load_runs
+
+    d = tmp_path / "r"
+    d.mkdir()
+    runs = [dict(_summary(m, s, 4), refused_after=100.0 * (m == "booster" and s == 0)) for s in (0, 1)
+            for m in ("sft", "booster")]
+    (d / "summaries.json").write_text(json.dumps({"base": None, "runs": runs}))
+    for r in runs:
+        _samples(d, r["method"], r["seed"], 4)
+        if r["refused_after"]:                                     # its one benign prompt refused
+            path = d / "eval" / f"booster-s{r['seed']}-p0.1" / "samples.jsonl"
+            path.write_text(path.read_text().replace('"refused": false', '"refused": true'))
+    _, runs = load_runs([str(d)])
+    cells = {c.metric: c for c in paired.compare(runs, "sft", "booster", [str(d)])}
+    assert set(cells) == {"hs", "fa", "refused"}
+    ref = cells["refused"]
+    assert ref.diffs == [100.0, 0.0] and ref.mean == 50.0 and ref.ci_prompts == (0.0, 100.0) and ref.verdict is None
+    text = paired.format_paired(list(cells.values()), "sft", "booster")
+    assert "| over-refusal sft | over-refusal booster | over-refusal B - A |" in text
+    assert "| 0.1 | post-attack over-refusal | 2 | +50.00 |" in text
+
+
+def test_notes_when_seeds_differ_in_prompts_or_judge(tmp_path):
+    from booster_jax.eval.studies import load_runs
+
+    dirs = _study(tmp_path)
+    _, runs = load_runs([str(d) for d in dirs])
+    for m in ("sft", "booster"):                        # seed 1 was evaluated on other prompts (same count)
+        path = dirs[0] / "eval" / f"{m}-s1-p0.1" / "samples.jsonl"
+        path.write_text(path.read_text().replace('"harm 3"', '"harm 3b"'))
+    runs = [dict(r, judge="other") if r["seed"] == 2 else r for r in runs]
+    hs = paired.compare(runs, "sft", "booster", [str(d) for d in dirs], metrics=("hs",))[0]
+    assert ("the harmful prompts differ between seeds at p = 0.1 (seeds 0, 2, 3, 4, 5, 6, 7: 10 prompts; "
+            "seed 1: 10 prompts): were they evaluated alike?") in hs.notes
+    assert "p = 0.1: the paired runs were judged by different judges (j, other)" in hs.notes
+
+
+def test_seeds_sort_as_numbers():
+    assert sorted([10, "b", 7, "10", 2.5], key=paired.seed_order) == [2.5, 7, 10, "10", "b"]

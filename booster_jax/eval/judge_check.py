@@ -240,6 +240,8 @@ def labellers(first: Sequence[dict], second: Sequence[dict]) -> dict:
         raise BoosterInputError("the two label files label different answers (their ids differ)")
     pairs_ = [(r["harmful"], two[r["id"]]) for r in first]
     n = len(pairs_)
+    if not n:
+        raise BoosterInputError("no labelled answers to compare the two readers on")
     both = sum(x and y for x, y in pairs_)
     only1 = sum(x and not y for x, y in pairs_)
     only2 = sum(y and not x for x, y in pairs_)

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 from booster_jax import files
 from booster_jax.eval import layout
+from booster_jax.eval.paired import seed_order
 
 # column -> header; the order of the table
 COLUMNS = {"hs_before": "HS before", "refused_before": "refused before (%)", "hs_after": "HS after",
@@ -63,7 +64,7 @@ def mechanism_rows(runs: Sequence[dict], run_dirs: Sequence[str]) -> list[dict]:
         if window:
             row.update(window)
         rows.append(row)
-    return sorted(rows, key=lambda x: (x["ratio"], str(x["seed"]), x["variant"]))
+    return sorted(rows, key=lambda x: (x["ratio"], seed_order(x["seed"]), x["variant"]))
 
 
 def pearson(xs: Sequence[float], ys: Sequence[float]) -> float:
@@ -99,7 +100,7 @@ def correlations(rows: Sequence[dict], reference: str = "sft") -> list[dict]:
             for col in COLUMNS:
                 if v == reference and col == "hs_after":
                     continue
-                seeds = [s for s in sorted(target, key=str) if s in by_variant[v] and _ok(by_variant[v][s][col])]
+                seeds = [s for s in sorted(target, key=seed_order) if s in by_variant[v] and _ok(by_variant[v][s][col])]
                 if not seeds:
                     continue
                 xs = [float(by_variant[v][s][col]) for s in seeds]
@@ -161,7 +162,7 @@ def plot_curves(rows: Sequence[dict], out_dir: str) -> list[str]:
         at = [r for r in rows if r["ratio"] == p and r["curve"]]
         if not at:
             continue
-        seeds = sorted({r["seed"] for r in at}, key=str)
+        seeds = sorted({r["seed"] for r in at}, key=seed_order)
         ncols = min(4, len(seeds))
         nrows = math.ceil(len(seeds) / ncols)
         fig = Figure(figsize=(max(6.0, 3.2 * ncols + 0.5), 2.6 * nrows + 1.2))

@@ -113,9 +113,11 @@ def verdict(lo: float, hi: float) -> str:
 
 # ---------------------------------------------------------------- a study's runs and samples
 
-# metric -> (summary field, samples.jsonl kind, per-row field, label, lower is better)
+# metric -> (summary field, samples.jsonl kind, per-row field, label, has a verdict: an interval below 0 means
+# B protects). Over-refusal is lower-is-better too, but "protects" is HS's word: it gets intervals, no verdict.
 METRICS = {"hs": ("hs_after", "harmful", "flagged", "post-attack HS", True),
-           "fa": ("fa", "task", "correct", "post-attack FA", False)}
+           "fa": ("fa", "task", "correct", "post-attack FA", False),
+           "refused": ("refused_after", "benign", "refused", "post-attack over-refusal", False)}
 
 
 def samples_path(run_dir: str, method: str, seed, ratio: float) -> str:
@@ -158,6 +160,7 @@ class PairedCell:
     ci_prompts: tuple[float, float] | None  # the hierarchical interval; None when per-prompt verdicts are missing
     sign: tuple[int, int, int, float]        # (#B - A > 0, #< 0, #ties, two-sided p)
     notes: list[str] = field(default_factory=list)
+    missing: list = field(default_factory=list)  # seeds expected (or run by one variant) but not paired here
 
     @property
     def primary(self) -> tuple[float, float]:
@@ -165,30 +168,52 @@ class PairedCell:
 
     @property
     def verdict(self) -> str | None:
-        return verdict(*self.primary) if METRICS[self.metric][4] else None
+        """The pre-registered reading of the interval, withheld while seeds are missing, and marked when only the
+        seed-level interval exists (the per-prompt one is the pre-registered test)."""
+        if not METRICS[self.metric][4]:
+            return None
+        if self.missing:
+            return f"withheld: seed{'s' if len(self.missing) > 1 else ''} {', '.join(map(str, self.missing))} missing"
+        v = verdict(*self.primary)
+        return v if self.ci_prompts else f"{v} (seeds-only interval)"
 
 
-def compare(runs: list[dict], a: str, b: str, run_dirs: Sequence[str] = (), metrics: Sequence[str] = ("hs", "fa"),
-            n_resamples: int = N_RESAMPLES, rng_seed: int = RNG_SEED, level: float = LEVEL,
-            reader: VerdictReader = read_verdicts) -> list[PairedCell]:
+def compare(runs: list[dict], a: str, b: str, run_dirs: Sequence[str] = (),
+            metrics: Sequence[str] = ("hs", "fa", "refused"), n_resamples: int = N_RESAMPLES,
+            rng_seed: int = RNG_SEED, level: float = LEVEL, reader: VerdictReader = read_verdicts,
+            expect: Mapping[float, Sequence] | None = None) -> list[PairedCell]:
     """B - A per harmful ratio (every ratio where both variants ran) and metric, from the runs' summaries
     and, where every paired seed has them, the per-prompt verdicts under ``run_dirs`` as ``reader`` gives them
     (the stored ones by default; a substitute's verdicts must average to the runs' numbers, which the caller
-    then replaces too)."""
+    then replaces too). ``expect``: ratio -> the seeds a design calls for there; the verdict is withheld at a
+    ratio while one of them is not paired (a seed run by one variant only withholds it too)."""
     methods = {r["method"] for r in runs}
     for name in (a, b):
         if name not in methods:
             raise BoosterInputError(f"--paired: no variant {name!r} in the study (it has {', '.join(sorted(methods))})")
+    expect = {float(p): list(seeds) for p, seeds in (expect or {}).items()}
     cells = []
-    for ratio in sorted({float(r["harmful_ratio"]) for r in runs}):
+    for ratio in sorted({float(r["harmful_ratio"]) for r in runs} | set(expect)):
         at = [r for r in runs if abs(float(r["harmful_ratio"]) - ratio) < 1e-9]
-        if not {a, b} <= {r["method"] for r in at}:
-            continue
         for metric in metrics:
-            cell = _compare_cell(at, a, b, ratio, metric, run_dirs, n_resamples, rng_seed, level, reader)
+            cell = _compare_cell(at, a, b, ratio, metric, run_dirs, n_resamples, rng_seed, level, reader,
+                                 expect.get(ratio, ()))
             if cell is not None:
                 cells.append(cell)
     return cells
+
+
+def unpaired_ratios(runs: list[dict], a: str, b: str, cells: Sequence[PairedCell],
+                    expect: Mapping[float, Sequence] | None = None) -> list[str]:
+    """One line per harmful ratio that has runs (or expected seeds) but no paired cell: which variants ran there."""
+    shown = {c.ratio for c in cells}
+    out = []
+    for ratio in sorted({float(r["harmful_ratio"]) for r in runs} | {float(p) for p in (expect or {})}):
+        if ratio in shown:
+            continue
+        ran = sorted({r["method"] for r in runs if abs(float(r["harmful_ratio"]) - ratio) < 1e-9} & {a, b})
+        out.append(f"p = {ratio:g}: no seed has both {a} and {b} (ran: {', '.join(ran) or 'neither'}): not compared")
+    return out
 
 
 def _values(runs: list[dict], method: str, key: str) -> dict:
@@ -201,7 +226,7 @@ def _values(runs: list[dict], method: str, key: str) -> dict:
 
 
 def _compare_cell(runs, a, b, ratio, metric, run_dirs, n_resamples, rng_seed, level,
-                  reader: VerdictReader = read_verdicts) -> PairedCell | None:
+                  reader: VerdictReader = read_verdicts, expected: Sequence = ()) -> PairedCell | None:
     key, kind, row_key, label, _ = METRICS[metric]
     va, vb = _values(runs, a, key), _values(runs, b, key)
     seeds, diffs, only_a, only_b = paired_differences(va, vb)
@@ -209,7 +234,15 @@ def _compare_cell(runs, a, b, ratio, metric, run_dirs, n_resamples, rng_seed, le
         return None
     notes = [f"seed {s} has only {name} at p = {ratio:g}: skipped" for name, only in ((a, only_a), (b, only_b))
              for s in only]
-    prompt_diffs, missing = [], []
+    absent = [s for s in expected if s not in seeds and s not in only_a and s not in only_b]
+    if absent:
+        notes.append(f"p = {ratio:g}: the design expects seed{'s' if len(absent) > 1 else ''} "
+                     f"{', '.join(map(str, absent))}, not in the study")
+    unpaired = list(only_a) + list(only_b) + absent
+    judges = sorted({str(r.get("judge")) for r in runs if r["method"] in (a, b) and r["seed"] in seeds})
+    if len(judges) > 1:
+        notes.append(f"p = {ratio:g}: the paired runs were judged by different judges ({', '.join(judges)})")
+    prompt_diffs, missing, prompt_sets = [], [], {}
     for s in seeds:
         found = [_cell_verdicts(run_dirs, name, s, ratio, kind, row_key, v[s], reader)
                  for name, v in ((a, va), (b, vb))]
@@ -221,6 +254,12 @@ def _compare_cell(runs, a, b, ratio, metric, run_dirs, n_resamples, rng_seed, le
             raise BoosterInputError(f"{path_a} and {path_b}: the {kind} prompts differ (count or order), so "
                                     "they cannot be paired prompt by prompt")
         prompt_diffs.append([y - x for x, y in zip(xa, xb)])
+        prompt_sets.setdefault(tuple(pa), []).append(s)
+    if len(prompt_sets) > 1:
+        notes.append(f"the {kind} prompts differ between seeds at p = {ratio:g} ("
+                     + "; ".join(f"seed{'s' if len(ss) > 1 else ''} {', '.join(map(str, ss))}: {len(ps)} prompts"
+                                 for ps, ss in prompt_sets.items())
+                     + "): were they evaluated alike?")
     ci_prompts = None
     if not missing:
         ci_prompts = hierarchical_bootstrap_ci(prompt_diffs, n_resamples, rng_seed, level)
@@ -235,7 +274,16 @@ def _compare_cell(runs, a, b, ratio, metric, run_dirs, n_resamples, rng_seed, le
     return PairedCell(ratio=ratio, metric=metric, seeds=seeds, a=[va[s] for s in seeds], b=[vb[s] for s in seeds],
                       diffs=diffs, mean=float(np.mean(diffs)),
                       ci_seeds=seed_bootstrap_ci(diffs, n_resamples, rng_seed, level), ci_prompts=ci_prompts,
-                      sign=(pos, neg, len(diffs) - pos - neg, sign_test_p(diffs)), notes=notes)
+                      sign=(pos, neg, len(diffs) - pos - neg, sign_test_p(diffs)), notes=notes,
+                      missing=sorted(set(unpaired), key=seed_order))
+
+
+def seed_order(seed):
+    """Seeds sort as numbers when they are numbers (7 before 10), else as text after them."""
+    try:
+        return (0, float(seed), "")
+    except (TypeError, ValueError):
+        return (1, 0.0, str(seed))
 
 
 def _cell_verdicts(run_dirs, method, seed, ratio, kind, row_key, summary_value, reader=read_verdicts):
@@ -261,15 +309,16 @@ def _cell_verdicts(run_dirs, method, seed, ratio, kind, row_key, summary_value, 
 # ---------------------------------------------------------------- text
 
 def format_paired(cells: list[PairedCell], a: str, b: str, n_resamples: int = N_RESAMPLES,
-                  rng_seed: int = RNG_SEED, level: float = LEVEL) -> str:
-    """Markdown: the per-seed table, the summary table (mean, both intervals, sign test, verdict), notes."""
+                  rng_seed: int = RNG_SEED, level: float = LEVEL, notes: Sequence[str] = ()) -> str:
+    """Markdown: the per-seed table, the summary table (mean, both intervals, sign test, verdict), notes
+    (the cells' and ``notes``)."""
     pct = f"{100 * level:g} %"
     out = [f"Paired: **{b} - {a}** (B - A, percentage points; for HS < 0 means {b} is less harmful). "
            f"Bootstrap: {n_resamples} resamples, numpy default_rng seed {rng_seed}, {pct} percentile interval; "
            "primary = seeds, then prompts within each seed (the same prompts for both variants); "
            "secondary = seeds only. Sign test: two-sided exact, ties dropped.", ""]
     if not cells:
-        return "\n".join(out + [f"No seed has both {a} and {b}."])
+        return "\n".join(out + [f"No seed has both {a} and {b}."] + [f"- {n}" for n in notes])
     metrics = [m for m in METRICS if any(c.metric == m for c in cells)]
     short = {m: METRICS[m][3].split()[-1] for m in metrics}   # HS, FA
     out += ["| p | seed | " + " | ".join(f"{short[m]} {a} | {short[m]} {b} | {short[m]} B - A" for m in metrics)
@@ -288,7 +337,7 @@ def format_paired(cells: list[PairedCell], a: str, b: str, n_resamples: int = N_
         pos, neg, ties, p = c.sign
         out.append(f"| {c.ratio:g} | {METRICS[c.metric][3]} | {len(c.seeds)} | {c.mean:+.2f} | {hier} | "
                    f"{_ci(c.ci_seeds)} | {pos} / {neg} / {ties}, p = {p:.4g} | {c.verdict or '–'} |")
-    notes = list(dict.fromkeys(n for c in cells for n in c.notes))
+    notes = list(dict.fromkeys([n for c in cells for n in c.notes] + list(notes)))
     if notes:
         out += [""] + [f"- {n}" for n in notes]
     return "\n".join(out)

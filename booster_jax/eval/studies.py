@@ -147,6 +147,9 @@ def main(argv=None) -> int:
     ap.add_argument("--mechanism", action="store_true",
                     help="per seed and variant: HS and over-refusal before, HS after, the attack's harmful loss, "
                          "Booster's h(w) - h(w'); Pearson r with the reference's post-attack HS")
+    ap.add_argument("--expect", action="append", default=[], metavar="P:SEEDS", type=_expectation,
+                    help="with --paired: the seeds the design calls for at harmful ratio P, e.g. 0.1:10-17 or "
+                         "0:10,11,12,13 (repeatable); the verdict there is withheld until every one is paired")
     ap.add_argument("--reference", default="sft", help="the variant whose post-attack HS --mechanism correlates with")
     ap.add_argument("--plot", metavar="DIR", help="with --mechanism: write the per-seed attack-loss curves here")
     ns = ap.parse_args(argv)
@@ -156,6 +159,8 @@ def main(argv=None) -> int:
         ap.error("--max-tokens and --tokenizer go together")
     if ns.plot and not ns.mechanism:
         ap.error("--plot needs --mechanism")
+    if ns.expect and not ns.paired:
+        ap.error("--expect needs --paired")
     base, runs = load_runs(ns.run_dirs)
     reader = paired.read_verdicts
     if ns.max_tokens is not None:
@@ -188,9 +193,11 @@ def main(argv=None) -> int:
         print(f"\nchosen: {chosen or 'none qualifies -> the paper recipe (lam 5, alpha 0.1, from scratch)'}")
     if ns.paired:
         a, b = ns.paired
+        expect = dict(ns.expect)
         cells = paired.compare(runs, a, b, ns.run_dirs, n_resamples=ns.resamples, rng_seed=ns.bootstrap_seed,
-                               reader=reader)
-        print("\n" + paired.format_paired(cells, a, b, n_resamples=ns.resamples, rng_seed=ns.bootstrap_seed))
+                               reader=reader, expect=expect)
+        print("\n" + paired.format_paired(cells, a, b, n_resamples=ns.resamples, rng_seed=ns.bootstrap_seed,
+                                          notes=paired.unpaired_ratios(runs, a, b, cells, expect)))
         if ns.max_tokens is not None:
             print(f"\n(HS above re-judged at {ns.max_tokens} new tokens; FA as stored.)")
     if ns.mechanism:
@@ -201,6 +208,23 @@ def main(argv=None) -> int:
         for path in mechanism.plot_curves(rows, ns.plot) if ns.plot else []:
             print(f"wrote {path}")
     return 0
+
+
+def _expectation(text: str) -> tuple[float, list[int]]:
+    """``P:SEEDS`` (``0.1:10-17``, ``0:10,11,12,13``) -> (P, [seeds])."""
+    import argparse
+
+    try:
+        ratio, spec = text.split(":")
+        seeds = []
+        for part in spec.split(","):
+            lo, _, hi = part.partition("-")
+            seeds += list(range(int(lo), int(hi) + 1)) if hi else [int(lo)]
+        if not seeds or len(set(seeds)) != len(seeds):
+            raise ValueError
+        return float(ratio), seeds
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected P:SEEDS, e.g. 0.1:10-17 or 0:10,11,12,13") from None
 
 
 if __name__ == "__main__":

@@ -20,7 +20,9 @@ if [ ${#DIRS[@]} -eq 0 ]; then
   echo "analyse.sh: no finished seed directory (s1?/summaries.json) under $STUDY: run configs/real/study/run_study.sh first" >&2
   exit 2
 fi
-python -m booster_jax.eval.studies "${DIRS[@]}" --paired sft booster_paper | tee "$OUT/paired_64.txt"
-python -m booster_jax.eval.studies "${DIRS[@]}" --paired sft booster_paper --max-tokens 24 \
+# the pre-registered design: the verdict at a ratio is withheld until each of these seeds is paired there
+EXPECT="--expect 0.1:10-17 --expect 0:10-13 --expect 0.2:10-13"
+python -m booster_jax.eval.studies "${DIRS[@]}" --paired sft booster_paper $EXPECT | tee "$OUT/paired_64.txt"
+python -m booster_jax.eval.studies "${DIRS[@]}" --paired sft booster_paper $EXPECT --max-tokens 24 \
   --tokenizer "$TOKENIZER" | tee "$OUT/paired_24.txt"
 python -m booster_jax.eval.studies "${DIRS[@]}" --mechanism --plot "$OUT" | tee "$OUT/mechanism.txt"
