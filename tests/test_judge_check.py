@@ -81,6 +81,10 @@ def test_sample_refuses_too_few_answers_and_other_judges(tmp_path):
     _, runs = load_runs([str(d)])
     with pytest.raises(BoosterInputError, match="judged by 'synthetic'"):
         jc.cells([dict(r, judge="synthetic") for r in runs], [str(d)], ["sft"], [0.1])
+    with pytest.raises(BoosterInputError, match=r"sft-s1-p0.1/samples.jsonl: its harmful rows give HS 65.0000 but "
+                                                 r"summaries.json says 10.0000 for sft seed 1 p = 0.1"):
+        jc.cells([dict(r, hs_after=10.0) if (r["method"], r["seed"]) == ("sft", 1) else r for r in runs],
+                 [str(d)], ["sft"], [0.1])
     with pytest.raises(BoosterInputError, match="no post-attack samples.jsonl"):
         jc.sample(jc.cells(runs, [str(d)], ["nope"], [0.1]), 10)
 
