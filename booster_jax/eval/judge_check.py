@@ -63,11 +63,9 @@ def cells(runs: Sequence[dict], run_dirs: Sequence[str], variants: Sequence[str]
         for i, row in enumerate(rows):
             if not isinstance(row.get("response"), str) or row.get("flagged") is None:
                 raise BoosterInputError(f"{path}: harmful row {i} lacks a 'response' or a 'flagged' verdict")
-        hs = 100.0 * sum(bool(row["flagged"]) for row in rows) / len(rows) if rows else None
-        if hs is not None and r.get("hs_after") is not None and abs(hs - float(r["hs_after"])) > 1e-6:
-            raise BoosterInputError(f"{path}: its harmful rows give HS {hs:.4f} but summaries.json says "
-                                    f"{float(r['hs_after']):.4f} for {r['method']} seed {r['seed']} p = {p:g}: the "
-                                    "evaluation directory holds another run (mixed configurations)")
+        if rows and r.get("hs_after") is not None:
+            paired.check_matches_summary(path, "harmful rows give HS", 100.0 * sum(bool(x["flagged"]) for x in rows)
+                                         / len(rows), r["hs_after"], r["method"], r["seed"], p)
         if rows:
             run_dir = os.path.dirname(os.path.dirname(os.path.dirname(path)))   # <run dir>/eval/<tag>/samples.jsonl
             out[(r["method"], r["seed"], p)] = {"path": path, "rows": rows, "run_dir": run_dir}

@@ -297,13 +297,20 @@ def _cell_verdicts(run_dirs, method, seed, ratio, kind, row_key, summary_value, 
         if got is None:
             return None
         prompts, values = got
-        score = sum(values) / len(values)
-        if abs(score - summary_value) > 1e-6:
-            raise BoosterInputError(f"{path}: its {kind} rows give {score:.4f} but summaries.json says "
-                                    f"{summary_value:.4f} for {method} seed {seed} p = {ratio:g}: the evaluation "
-                                    "directory holds another run (mixed configurations)")
+        check_matches_summary(path, f"{kind} rows give", sum(values) / len(values), summary_value, method, seed,
+                              ratio)
         return prompts, values, path
     return None
+
+
+def check_matches_summary(path: str, what: str, score: float, summary_value: float, method: str, seed,
+                          ratio: float) -> None:
+    """A samples.jsonl's per-row verdicts must give its summary's number: otherwise the evaluation directory
+    holds another run's answers (mixed configurations)."""
+    if abs(score - float(summary_value)) > 1e-6:
+        raise BoosterInputError(f"{path}: its {what} {score:.4f} but summaries.json says {float(summary_value):.4f} "
+                                f"for {method} seed {seed} p = {ratio:g}: the evaluation directory holds another "
+                                "run (mixed configurations)")
 
 
 # ---------------------------------------------------------------- text

@@ -212,8 +212,6 @@ def main(argv=None) -> int:
 
 def _expectation(text: str) -> tuple[float, list[int]]:
     """``P:SEEDS`` (``0.1:10-17``, ``0:10,11,12,13``) -> (P, [seeds])."""
-    import argparse
-
     try:
         ratio, spec = text.split(":")
         seeds = []
