@@ -89,8 +89,8 @@ def test_cli_mechanism_table_and_plot(tmp_path, capsys):
     png = tmp_path / "fig" / "mechanism_attack_loss_p0.1.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"wrote {png}" in out
     with pytest.raises(SystemExit):
-        main([str(d), "--plot", str(tmp_path / "fig")])                            # --plot without --mechanism
-    assert "--plot needs --mechanism" in capsys.readouterr().err
+        main([str(d), "--plot", str(tmp_path / "fig")])                 # --plot without --mechanism or --paired
+    assert "--plot needs --paired or --mechanism" in capsys.readouterr().err
 
 
 def test_a_seed_without_its_files_shows_dashes_and_smaller_n(tmp_path, capsys):

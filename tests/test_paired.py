@@ -169,6 +169,15 @@ def test_cli_paired_prints_the_table_intervals_and_verdict(tmp_path, capsys):
     assert "200 resamples, numpy default_rng seed 3" in capsys.readouterr().out
 
 
+def test_cli_paired_plot(tmp_path, capsys):
+    """--plot with --paired writes the per-seed lines from A to B, one panel per ratio, beside the table."""
+    dirs = _study(tmp_path)
+    main([str(d) for d in dirs] + ["--paired", "sft", "booster", "--plot", str(tmp_path / "fig")])
+    png = tmp_path / "fig" / "paired_sft_booster.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"wrote {png}" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "fig").iterdir()) == ["paired_sft_booster.png"]
+
+
 def test_cli_falls_back_to_the_seed_bootstrap_without_samples(tmp_path, capsys):
     from booster_jax.eval.studies import load_runs
 

@@ -81,8 +81,10 @@ def test_cli_table_and_paired_at_fewer_tokens(tmp_path, capsys):
     main([str(d), "--paired", "sft", "booster", "--resamples", "200"])
     full = capsys.readouterr().out
     assert "| 0.1 | 0 | 25.0 | 25.0 | +0.0 |" in full and "re-judged" not in full
-    main([str(d), "--paired", "sft", "booster", "--resamples", "200", "--max-tokens", "8", "--tokenizer", TOKENIZER])
+    main([str(d), "--paired", "sft", "booster", "--resamples", "200", "--max-tokens", "8", "--tokenizer", TOKENIZER,
+          "--plot", str(tmp_path / "fig")])
     out = capsys.readouterr().out
+    assert f"wrote {tmp_path / 'fig' / 'paired_sft_booster_8tok.png'}" in out      # named by its answer length
     assert out.startswith("HS re-judged at 8 new tokens: the first 8 tokens of each stored harmful answer")
     assert "10 of them longer and cut; 10 verdicts differ from the stored ones (10 now flagged" in out
     assert "base model:" not in out and "- the base model's line is left out" in out

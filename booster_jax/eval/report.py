@@ -250,7 +250,7 @@ def format_table(summaries) -> str:
     return "\n\n".join(_table_md(g, grp) for g, grp in stats.items()) + "\n"
 
 
-def _slug(text: str) -> str:
+def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "x"
 
 
@@ -346,7 +346,7 @@ def summary_warnings(summaries) -> list[str]:
     return seen
 
 
-def _plot_paired(cells, a: str, b: str, path: Path, title: str) -> None:
+def plot_paired(cells, a: str, b: str, path: Path, title: str) -> None:
     """One panel per harmful ratio: a line per seed from its A score to its B score, and the mean in black;
     the panel's title holds the mean difference and the primary interval."""
     from matplotlib.figure import Figure
@@ -395,8 +395,8 @@ def _paired_md(runs: list[_Run], pairs, run_dirs, out: Path, suffix: str, label:
         md += [f"### Paired: {b} - {a} ({label})", "", paired.format_paired(cells, a, b), ""]
         hs = [c for c in cells if c.metric == "hs"]
         if hs:
-            path = out / f"paired_{_slug(a)}_{_slug(b)}{suffix}.png"
-            _plot_paired(hs, a, b, path, f"Paired by seed: {a} -> {b} ({label})")
+            path = out / f"paired_{slug(a)}_{slug(b)}{suffix}.png"
+            plot_paired(hs, a, b, path, f"Paired by seed: {a} -> {b} ({label})")
             md += [f"![paired {a} -> {b}]({path.name})", ""]
     return md
 
@@ -434,7 +434,7 @@ def write_report(summaries, out_dir, paired=None, run_dirs=None) -> Path:
         md += ["## Missing values", ""] + [f"- {line}" for line in missing] + [""]
     for gkey, group in stats.items():
         task, judge = gkey
-        suffix = "".join(f"_{_slug(t)}" for t in (task, judge) if t) if several else ""
+        suffix = "".join(f"_{slug(t)}" for t in (task, judge) if t) if several else ""
         label = (f"task {task}, " if task else "") + f"judge {judge}"
         md += [_table_md(gkey, group), ""]
         before = [(m, e["hs_before"]) for m, e in group["methods"].items() if e["hs_before"][0] is not None]

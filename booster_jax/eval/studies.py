@@ -151,14 +151,15 @@ def main(argv=None) -> int:
                     help="with --paired: the seeds the design calls for at harmful ratio P, e.g. 0.1:10-17 or "
                          "0:10,11,12,13 (repeatable); the verdict there is withheld until every one is paired")
     ap.add_argument("--reference", default="sft", help="the variant whose post-attack HS --mechanism correlates with")
-    ap.add_argument("--plot", metavar="DIR", help="with --mechanism: write the per-seed attack-loss curves here")
+    ap.add_argument("--plot", metavar="DIR", help="with --paired: write the paired plot (a line per seed from A "
+                    "to B) here; with --mechanism: the per-seed attack-loss curves")
     ns = ap.parse_args(argv)
     if ns.resamples < 1:
         ap.error("--resamples must be at least 1")
     if (ns.max_tokens is None) != (ns.tokenizer is None):
         ap.error("--max-tokens and --tokenizer go together")
-    if ns.plot and not ns.mechanism:
-        ap.error("--plot needs --mechanism")
+    if ns.plot and not (ns.mechanism or ns.paired):
+        ap.error("--plot needs --paired or --mechanism")
     if ns.expect and not ns.paired:
         ap.error("--expect needs --paired")
     base, runs = load_runs(ns.run_dirs)
@@ -200,6 +201,9 @@ def main(argv=None) -> int:
                                           notes=paired.unpaired_ratios(runs, a, b, cells, expect)))
         if ns.max_tokens is not None:
             print(f"\n(HS above re-judged at {ns.max_tokens} new tokens; FA as stored.)")
+        hs_cells = [c for c in cells if c.metric == "hs"]
+        if ns.plot and hs_cells:
+            print(f"wrote {_plot_paired(hs_cells, a, b, ns.plot, ns.max_tokens)}")
     if ns.mechanism:
         rows = mechanism.mechanism_rows(runs, ns.run_dirs)
         print("\n" + mechanism.format_mechanism(rows, ns.reference))
@@ -208,6 +212,19 @@ def main(argv=None) -> int:
         for path in mechanism.plot_curves(rows, ns.plot) if ns.plot else []:
             print(f"wrote {path}")
     return 0
+
+
+def _plot_paired(cells, a: str, b: str, out_dir: str, max_tokens: int | None) -> str:
+    """The paired plot of post-attack HS, named after the pair and the answer length it was judged at."""
+    from pathlib import Path
+
+    from booster_jax.eval.report import plot_paired, slug
+
+    os.makedirs(out_dir, exist_ok=True)
+    suffix, label = ("", "as stored") if max_tokens is None else (f"_{max_tokens}tok", f"first {max_tokens} tokens")
+    path = Path(out_dir) / f"paired_{slug(a)}_{slug(b)}{suffix}.png"
+    plot_paired(cells, a, b, path, f"Paired by seed: {a} -> {b} (HS {label})")
+    return str(path)
 
 
 def _expectation(text: str) -> tuple[float, list[int]]:

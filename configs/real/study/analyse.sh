@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 26's pre-registered analysis (docs/results/real_study.md), every command of its table in one go, over
 # the seeds under $STUDY_DIR (default runs/real/study) whose grid has finished. Writes the outputs to $OUT
-# (default docs/results/real_study/): the paired table and test at 64 and at 24 tokens, the mechanism table
+# (default docs/results/real_study/): the paired table, test and plot at 64 and at 24 tokens, the mechanism table
 # and the per-seed Fig. 3 curves. Safe to rerun at any point of the study: unfinished seeds are left out.
 #   bash configs/real/study/analyse.sh                  # from the checkout that holds the cells
 #   STUDY_DIR=/root/booster-study2/code/runs/real/study bash configs/real/study/analyse.sh
@@ -22,7 +22,7 @@ if [ ${#DIRS[@]} -eq 0 ]; then
 fi
 # the pre-registered design: the verdict at a ratio is withheld until each of these seeds is paired there
 EXPECT="--expect 0.1:10-17 --expect 0:10-13 --expect 0.2:10-13"
-python -m booster_jax.eval.studies "${DIRS[@]}" --paired sft booster_paper $EXPECT | tee "$OUT/paired_64.txt"
+python -m booster_jax.eval.studies "${DIRS[@]}" --paired sft booster_paper $EXPECT --plot "$OUT" | tee "$OUT/paired_64.txt"
 python -m booster_jax.eval.studies "${DIRS[@]}" --paired sft booster_paper $EXPECT --max-tokens 24 \
-  --tokenizer "$TOKENIZER" | tee "$OUT/paired_24.txt"
+  --tokenizer "$TOKENIZER" --plot "$OUT" | tee "$OUT/paired_24.txt"
 python -m booster_jax.eval.studies "${DIRS[@]}" --mechanism --plot "$OUT" | tee "$OUT/mechanism.txt"
