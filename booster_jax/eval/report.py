@@ -348,7 +348,7 @@ def summary_warnings(summaries) -> list[str]:
 
 def plot_paired(cells, a: str, b: str, path: Path, title: str) -> None:
     """One panel per harmful ratio: a line per seed from its A score to its B score, and the mean in black;
-    the panel's title holds the mean difference and the primary interval."""
+    the panel's title holds the mean difference, the primary interval and the verdict (or why it is withheld)."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(1.6 + 3.4 * len(cells), 4.2))
@@ -359,7 +359,8 @@ def plot_paired(cells, a: str, b: str, path: Path, title: str) -> None:
         ax.plot([0, 1], [sum(c.a) / len(c.a), sum(c.b) / len(c.b)], color="black", lw=3, marker="s", label="mean")
         lo, hi = c.primary
         ax.set_title(f"p = {c.ratio:g}: B - A {c.mean:+.1f}\n95% CI [{lo:+.1f}, {hi:+.1f}] "
-                     f"({'seeds, prompts' if c.ci_prompts else 'seeds only'})", fontsize=9)
+                     f"({'seeds, prompts' if c.ci_prompts else 'seeds only'})"
+                     + (f"\n{c.verdict}" if c.verdict else ""), fontsize=9)
         ax.set_xticks([0, 1], [a, b])
         ax.set_xlim(-0.25, 1.25)
         ax.set_ylabel("Post-attack harmful score (%)")
