@@ -250,7 +250,7 @@ def format_table(summaries) -> str:
     return "\n\n".join(_table_md(g, grp) for g, grp in stats.items()) + "\n"
 
 
-def slug(text: str) -> str:
+def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "x"
 
 
@@ -346,7 +346,7 @@ def summary_warnings(summaries) -> list[str]:
     return seen
 
 
-def plot_paired(cells, a: str, b: str, path: Path, title: str) -> None:
+def _plot_paired(cells, a: str, b: str, path: Path, title: str) -> None:
     """One panel per harmful ratio: a line per seed from its A score to its B score, and the mean in black;
     the panel's title holds the mean difference, the primary interval and the verdict (or why it is withheld)."""
     from matplotlib.figure import Figure
@@ -394,12 +394,22 @@ def _paired_md(runs: list[_Run], pairs, run_dirs, out: Path, suffix: str, label:
         if not cells or max(len(c.seeds) for c in cells) < min_seeds:
             continue
         md += [f"### Paired: {b} - {a} ({label})", "", paired.format_paired(cells, a, b), ""]
-        hs = [c for c in cells if c.metric == "hs"]
-        if hs:
-            path = out / f"paired_{slug(a)}_{slug(b)}{suffix}.png"
-            plot_paired(hs, a, b, path, f"Paired by seed: {a} -> {b} ({label})")
+        path = write_paired_plot(cells, a, b, out, suffix, label)
+        if path:
             md += [f"![paired {a} -> {b}]({path.name})", ""]
     return md
+
+
+def write_paired_plot(cells, a: str, b: str, out_dir, suffix: str, label: str) -> Path | None:
+    """The paired plot of the post-attack HS cells as ``out_dir/paired_<A>_<B><suffix>.png`` (report.md's and
+    ``studies --paired --plot``'s); None when no cell is HS."""
+    hs = [c for c in cells if c.metric == "hs"]
+    if not hs:
+        return None
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    path = Path(out_dir) / f"paired_{_slug(a)}_{_slug(b)}{suffix}.png"
+    _plot_paired(hs, a, b, path, f"Paired by seed: {a} -> {b} ({label})")
+    return path
 
 
 def missing_notes(summaries) -> list[str]:
@@ -435,7 +445,7 @@ def write_report(summaries, out_dir, paired=None, run_dirs=None) -> Path:
         md += ["## Missing values", ""] + [f"- {line}" for line in missing] + [""]
     for gkey, group in stats.items():
         task, judge = gkey
-        suffix = "".join(f"_{slug(t)}" for t in (task, judge) if t) if several else ""
+        suffix = "".join(f"_{_slug(t)}" for t in (task, judge) if t) if several else ""
         label = (f"task {task}, " if task else "") + f"judge {judge}"
         md += [_table_md(gkey, group), ""]
         before = [(m, e["hs_before"]) for m, e in group["methods"].items() if e["hs_before"][0] is not None]

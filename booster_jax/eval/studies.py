@@ -201,9 +201,14 @@ def main(argv=None) -> int:
                                           notes=paired.unpaired_ratios(runs, a, b, cells, expect)))
         if ns.max_tokens is not None:
             print(f"\n(HS above re-judged at {ns.max_tokens} new tokens; FA as stored.)")
-        hs_cells = [c for c in cells if c.metric == "hs"]
-        if ns.plot and hs_cells:
-            print(f"wrote {_plot_paired(hs_cells, a, b, ns.plot, ns.max_tokens)}")
+        if ns.plot:
+            from booster_jax.eval.report import write_paired_plot
+
+            suffix, label = ("", "HS as stored") if ns.max_tokens is None else \
+                (f"_{ns.max_tokens}tok", f"HS, first {ns.max_tokens} tokens")
+            path = write_paired_plot(cells, a, b, ns.plot, suffix, label)
+            if path:
+                print(f"wrote {path}")
     if ns.mechanism:
         rows = mechanism.mechanism_rows(runs, ns.run_dirs)
         print("\n" + mechanism.format_mechanism(rows, ns.reference))
@@ -212,19 +217,6 @@ def main(argv=None) -> int:
         for path in mechanism.plot_curves(rows, ns.plot) if ns.plot else []:
             print(f"wrote {path}")
     return 0
-
-
-def _plot_paired(cells, a: str, b: str, out_dir: str, max_tokens: int | None) -> str:
-    """The paired plot of post-attack HS, named after the pair and the answer length it was judged at."""
-    from pathlib import Path
-
-    from booster_jax.eval.report import plot_paired, slug
-
-    os.makedirs(out_dir, exist_ok=True)
-    suffix, label = ("", "as stored") if max_tokens is None else (f"_{max_tokens}tok", f"first {max_tokens} tokens")
-    path = Path(out_dir) / f"paired_{slug(a)}_{slug(b)}{suffix}.png"
-    plot_paired(cells, a, b, path, f"Paired by seed: {a} -> {b} (HS {label})")
-    return str(path)
 
 
 def _expectation(text: str) -> tuple[float, list[int]]:
