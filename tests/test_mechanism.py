@@ -9,7 +9,8 @@ import pytest
 
 from booster_jax.errors import BoosterInputError
 from booster_jax.eval import layout
-from booster_jax.eval.mechanism import attack_curve, correlations, last_booster_window, mechanism_rows, pearson
+from booster_jax.eval.mechanism import (attack_curve, correlations, last_booster_window, mechanism_rows, pearson,
+                                        split_by_reference)
 from booster_jax.eval.studies import load_runs, main
 from tests import run_tree as rt
 
@@ -75,6 +76,14 @@ def test_rows_and_correlations_known_answers(tmp_path):
     assert corr[("booster", "refused_before")] == (4, pytest.approx(1.0))
     assert math.isnan(corr[("booster", "hs_after")][1])                           # constant 5.0
     assert ("sft", "hs_after") not in corr and ("sft", "h_gap") not in corr
+    # Booster's HS after is 5 everywhere: -35, -25 at seeds 3, 2 (SFT's hardest breaks) and -15, -5 at 1, 0
+    assert split_by_reference(rows) == [{"ratio": 0.1, "variant": "booster", "top_seeds": [3, 2],
+                                         "rest_seeds": [1, 0], "top_mean": -30.0, "rest_mean": -10.0}]
+    odd = [r for r in rows if r["seed"] != 3]                     # 3 seeds: the top half is 1 seed
+    assert [(c["top_seeds"], c["rest_seeds"]) for c in split_by_reference(odd)] == [([2], [1, 0])]
+    tied = [dict(r, hs_after=7.0) if r["variant"] == "sft" else r for r in rows]   # ties go by seed order
+    assert split_by_reference(tied)[0]["top_seeds"] == [0, 1]
+    assert split_by_reference([r for r in rows if r["seed"] == 0]) == []          # one paired seed: nothing
 
 
 def test_cli_mechanism_table_and_plot(tmp_path, capsys):
@@ -86,6 +95,7 @@ def test_cli_mechanism_table_and_plot(tmp_path, capsys):
     assert "Pearson r over seeds with **sft's post-attack HS**" in out
     assert "| 0.1 | sft | 4 | +1.00 | n/a | (target) | n/a | -1.00 | – | – | – | – |" in out
     assert "| 0.1 | booster | 4 | n/a | +1.00 | n/a | n/a | n/a | +1.00 | +1.00 | +1.00 | +1.00 |" in out
+    assert "| 0.1 | booster | 3, 2 | -30.00 | 1, 0 | -10.00 |" in out
     png = tmp_path / "fig" / "mechanism_attack_loss_p0.1.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"wrote {png}" in out
     with pytest.raises(SystemExit):

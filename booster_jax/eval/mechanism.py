@@ -3,7 +3,8 @@ model's HS and over-refusal before the attack, HS after it, the attack's harmful
 and last tracked step (paper Fig. 3), and, for an alignment that logged Booster's metrics, its last window's
 h(w), h(w') (the harmful loss after the simulated attack step), h(w) - h(w') and ||g1||; then the Pearson
 correlation over seeds of the reference variant's (SFT's) post-attack HS with each of those, so a reader can
-see what separates the seeds where SFT breaks hard from those where it does not.
+see what separates the seeds where SFT breaks hard from those where it does not; and each other variant's
+post-attack HS minus the reference's over the seeds where the reference breaks hardest and over the rest.
 """
 
 from __future__ import annotations
@@ -109,6 +110,27 @@ def correlations(rows: Sequence[dict], reference: str = "sft") -> list[dict]:
     return out
 
 
+def split_by_reference(rows: Sequence[dict], reference: str = "sft") -> list[dict]:
+    """Per ratio and other variant: its post-attack HS minus the reference's, averaged over the half of the
+    seeds where the reference's post-attack HS is highest (n // 2 seeds; ties by seed order) and over the
+    rest. Whether a variant's advantage is concentrated where the reference breaks hard, read as the study's
+    pre-registration fixes it (docs/results/real_study.md); None below 2 paired seeds."""
+    out = []
+    for p in sorted({r["ratio"] for r in rows}):
+        at = [r for r in rows if r["ratio"] == p and _ok(r["hs_after"])]
+        ref = {r["seed"]: float(r["hs_after"]) for r in at if r["variant"] == reference}
+        for v in sorted({r["variant"] for r in at} - {reference}):
+            diff = {r["seed"]: float(r["hs_after"]) - ref[r["seed"]] for r in at if r["variant"] == v and r["seed"] in ref}
+            if len(diff) < 2:
+                continue
+            ranked = sorted(diff, key=lambda s: (-ref[s], seed_order(s)))
+            top, rest = ranked[:len(ranked) // 2], ranked[len(ranked) // 2:]
+            out.append({"ratio": p, "variant": v, "top_seeds": top, "rest_seeds": rest,
+                        "top_mean": sum(diff[s] for s in top) / len(top),
+                        "rest_mean": sum(diff[s] for s in rest) / len(rest)})
+    return out
+
+
 def _fmt(v, digits: int = 2) -> str:
     return f"{float(v):.{digits}f}" if _ok(v) else "–"
 
@@ -145,6 +167,15 @@ def format_mechanism(rows: Sequence[dict], reference: str = "sft") -> str:
                 txt = f"{c['r']:+.2f}" if not math.isnan(c["r"]) else "n/a"
                 cells.append(txt + (f" (n = {c['n']})" if c["n"] != n else ""))
             out.append(f"| {p:g} | {v} | {n} | " + " | ".join(cells) + " |")
+    split = split_by_reference(rows, reference)
+    if split:
+        out += ["", f"Post-attack HS minus {reference}'s, averaged over the half of the seeds where {reference}'s "
+                "post-attack HS is highest (n // 2 seeds) and over the rest:", "",
+                f"| p | variant | seeds where {reference} breaks hardest | mean difference there | other seeds | "
+                "mean difference there |", "|---:|---|---|---:|---|---:|"]
+        for c in split:
+            out.append(f"| {c['ratio']:g} | {c['variant']} | {', '.join(map(str, c['top_seeds']))} | "
+                       f"{c['top_mean']:+.2f} | {', '.join(map(str, c['rest_seeds']))} | {c['rest_mean']:+.2f} |")
     return "\n".join(out)
 
 
