@@ -114,7 +114,7 @@ def split_by_reference(rows: Sequence[dict], reference: str = "sft") -> list[dic
     """Per ratio and other variant: its post-attack HS minus the reference's, averaged over the half of the
     seeds where the reference's post-attack HS is highest (n // 2 seeds; ties by seed order) and over the
     rest. Whether a variant's advantage is concentrated where the reference breaks hard, read as the study's
-    pre-registration fixes it (docs/results/real_study.md); None below 2 paired seeds."""
+    pre-registration fixes it (docs/results/real_study.md); a (ratio, variant) with under 2 paired seeds gets no entry."""
     out = []
     for p in sorted({r["ratio"] for r in rows}):
         at = [r for r in rows if r["ratio"] == p and _ok(r["hs_after"])]
