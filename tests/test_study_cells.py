@@ -1,7 +1,7 @@
 """configs/real/study/cells.sh: ``save`` records the study's finished stages without their checkpoints, so that
 they can be committed and outlive the machine; ``restore`` puts the finished evaluations back into a new study
 directory. Checked on a hand-made study directory: finished stages are copied (plain files only), unfinished
-ones, checkpoints, locks, resume logs and the XLA cache are not; a restore brings back the run files and the
+ones, checkpoints, locks, backups, resume logs and the XLA cache are not; a restore brings back the run files and the
 evaluations but no training record, and replaces nothing; a bad mode or a missing directory is named."""
 
 from __future__ import annotations
@@ -32,8 +32,10 @@ def _cells(mode, study, cells, check=True):
 def _study(study):
     """One seed part-way through its grid, a seed just started, and the base evaluation."""
     s10 = study / "s10"
-    for name in ("config.yaml", "inputs.json", "summaries.json", ".booster-jax-run", "run.lock"):
+    for name in ("config.yaml", "inputs.json", "summaries.json", ".booster-jax-run", "run.lock",
+                 "summaries-sft-p0_0.2.json"):  # the last: a part's summaries (run_parts.sh)
         _write(s10 / name)
+    _write(s10 / ".summaries-primary.json.bak")                          # run_parts.sh's backup: left out
     _write(s10 / ".jax_cache" / "jit_decode-cache")
     _write(s10 / "eval" / "sft-s10-p0.1" / "summary.json", '{"hs": 35.1}')
     _write(s10 / "eval" / "sft-s10-p0.1" / "samples.jsonl", '{"response": "a"}\n')
@@ -55,7 +57,8 @@ def _study(study):
     _write(study / "cache" / "eval-base" / "fp2" / "fingerprint")      # base evaluation still running
 
 
-RUN_FILES = ["s10/.booster-jax-run", "s10/config.yaml", "s10/inputs.json", "s10/summaries.json", "s11/config.yaml"]
+RUN_FILES = ["s10/.booster-jax-run", "s10/config.yaml", "s10/inputs.json", "s10/summaries-sft-p0_0.2.json",
+             "s10/summaries.json", "s11/config.yaml"]
 EVALS = ["cache/eval-base/fp1/samples.jsonl", "cache/eval-base/fp1/summary.json",
          "s10/eval/sft-s10-p0.1/fingerprint", "s10/eval/sft-s10-p0.1/samples.jsonl",
          "s10/eval/sft-s10-p0.1/summary.json"]

@@ -3,6 +3,7 @@
 # the seeds under $STUDY_DIR (default runs/real/study) whose grid has finished. Writes the outputs to $OUT
 # (default docs/results/real_study/): the paired table, test and plot at 64 and at 24 tokens, the mechanism table
 # and the per-seed Fig. 3 curves. Safe to rerun at any point of the study: unfinished seeds are left out.
+# A seed's summaries-*.json files (cells run in parts, docs/results/real_study.md's log) join its summaries.json.
 #   bash configs/real/study/analyse.sh                  # from the checkout that holds the cells
 #   STUDY_DIR=/root/booster-study2/code/runs/real/study bash configs/real/study/analyse.sh
 set -euo pipefail
@@ -14,7 +15,12 @@ mkdir -p "$OUT"
 shopt -s nullglob
 DIRS=()
 for d in "$STUDY"/s1?; do  # a seed counts once its grid has finished (run.py writes summaries.json last)
-  if [ -f "$d/summaries.json" ]; then DIRS+=("$d"); else echo "analyse.sh: $d not finished yet, left out" >&2; fi
+  if [ ! -f "$d/summaries.json" ]; then echo "analyse.sh: $d not finished yet, left out" >&2; continue; fi
+  DIRS+=("$d")
+  # Cells run in parts (run_parts.sh: on a machine without the earlier stages' checkpoints) keep each part's
+  # summaries as summaries-<part>.json beside the seed's own; studies merges them, and a (variant, seed, ratio)
+  # found twice must carry the same numbers.
+  for f in "$d"/summaries-*.json; do DIRS+=("$f"); done
 done
 if [ ${#DIRS[@]} -eq 0 ]; then
   echo "analyse.sh: no finished seed directory (s1?/summaries.json) under $STUDY: run configs/real/study/run_study.sh first" >&2

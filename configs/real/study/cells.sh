@@ -40,7 +40,7 @@ copy_files() {  # copy_files SRC_DIR DEST_DIR: SRC_DIR's plain files; restore ne
   local src=$1 dest=$2 f
   mkdir -p "$dest"
   for f in "$src"/*; do
-    case "$(basename "$f")" in *.lock|generations.jsonl) continue ;; esac
+    case "$(basename "$f")" in *.lock|*.bak|generations.jsonl) continue ;; esac
     if [ ! -f "$f" ] || { [ "$MODE" = restore ] && [ -e "$dest/$(basename "$f")" ]; }; then continue; fi
     cp -p "$f" "$dest/"
   done
