@@ -2,7 +2,8 @@
 they can be committed and outlive the machine; ``restore`` puts the finished evaluations back into a new study
 directory. Checked on a hand-made study directory: finished stages are copied (plain files only), unfinished
 ones, checkpoints, locks, backups, resume logs and the XLA cache are not; a restore brings back the run files and the
-evaluations but no training record, and replaces nothing; a bad mode or a missing directory is named."""
+evaluations but no training record, and replaces nothing; a training stage saved before keeps its first record,
+and one retrained to other weights is recorded under reruns/; a bad mode or a missing directory is named."""
 
 from __future__ import annotations
 
@@ -72,9 +73,10 @@ def test_save_copies_finished_stages_only_and_restore_brings_back_the_evaluation
     assert "4 finished stages" in _cells("save", study, cells).stdout
     assert _files(cells) == sorted(RUN_FILES + EVALS + TRAINING)
     assert (cells / "s10" / "eval" / "sft-s10-p0.1" / "summary.json").read_text() == '{"hs": 35.1}'
-    # a rerun after another stage finished adds it
+    # a rerun after another stage finished adds it (the two evaluations are copied again, the saved training
+    # stages are not: same weights)
     _write(study / "s10" / "align" / "def" / "DONE")
-    assert "5 finished stages" in _cells("save", study, cells).stdout
+    assert "3 finished stages" in _cells("save", study, cells).stdout
     assert {"s10/align/def/DONE", "s10/align/def/metrics.jsonl"} <= set(_files(cells))
     # on a new machine: the run files and finished evaluations come back, no training record, nothing replaced
     new = tmp_path / "new"
@@ -83,6 +85,36 @@ def test_save_copies_finished_stages_only_and_restore_brings_back_the_evaluation
     assert _files(new) == sorted(RUN_FILES + EVALS)
     assert (new / "s11" / "config.yaml").read_text() == "kept"
     assert (new / "s10" / "eval" / "sft-s10-p0.1" / "fingerprint").read_text() == "fp-eval"
+
+
+def _done(checksum):
+    return '{\n "checksum": "%s",\n "fingerprint": "abc",\n "format": 1,\n "time": 1\n}' % checksum
+
+
+def test_a_stage_trained_again_keeps_its_first_record_and_other_weights_go_to_reruns(tmp_path):
+    study, cells = tmp_path / "study", tmp_path / "cells"
+    stage = study / "s10" / "align" / "abc"
+    _write(stage / "DONE", _done("0e92edaef34b256c5f3451ac6f9f0000"))
+    _write(stage / "metrics.jsonl", "first")
+    _cells("save", study, cells)
+    saved = cells / "s10" / "align" / "abc"
+    # a new machine trains the same weights again (its timings differ): the first record stays, nothing added
+    _write(stage / "DONE", _done("0e92edaef34b256c5f3451ac6f9f0000").replace('"time": 1', '"time": 2'))
+    _write(stage / "metrics.jsonl", "same weights, other timings")
+    _cells("save", study, cells)
+    assert (saved / "metrics.jsonl").read_text() == "first" and '"time": 1' in (saved / "DONE").read_text()
+    assert not (cells / "reruns").exists()
+    # ... or other weights (another CPU's rounding): recorded beside, under reruns/, the first record kept
+    _write(stage / "DONE", _done("e332c93415ff461a88f39975d1b40f70"))
+    _write(stage / "metrics.jsonl", "rerun")
+    _cells("save", study, cells)
+    assert (saved / "metrics.jsonl").read_text() == "first"
+    rerun = cells / "reruns" / "s10" / "align" / "abc-e332c934"
+    assert (rerun / "metrics.jsonl").read_text() == "rerun" and "e332c934" in (rerun / "DONE").read_text()
+    # restore brings back no training record, first or rerun
+    new = tmp_path / "new"
+    _cells("restore", new, cells)
+    assert not (new / "s10" / "align").exists() and not (new / "reruns").exists()
 
 
 def test_a_bad_mode_or_a_missing_directory_is_named(tmp_path):

@@ -11,6 +11,10 @@
 #                      (not generations.jsonl, the resume log that samples.jsonl repeats, nor eval/base, the copy
 #                      of cache/eval-base that every seed holds);
 #   align/<fp>/, finetune/<tag>/   once DONE exists: metrics.jsonl, track.jsonl, variants.txt, DONE, fingerprint.
+#                      A stage saved before keeps its first record: the evaluations saved with it came from it.
+#                      Retrained on a new machine (no checkpoints), the same weights are not copied again, and
+#                      other weights (another CPU rounds float32 differently) go to reruns/s1?/<kind>/<stage>-
+#                      <checksum>/, the record of what the later evaluations of that seed were computed from.
 # Only a stage directory's plain files are copied, never its sub-directories (the Orbax checkpoints, ~28 MB
 # each); locks and XLA's compilation cache are left out, and so is an unfinished stage, whole. Rerunning adds
 # what finished since. That is everything analyse.sh and judge_check read, so both run on $CELLS as on the study.
@@ -46,13 +50,23 @@ copy_files() {  # copy_files SRC_DIR DEST_DIR: SRC_DIR's plain files; restore ne
   done
 }
 
+checksum() {  # the weights' checksum a training stage's DONE records (empty when it records none)
+  sed -n 's/.*"checksum": *"\([0-9a-f]*\)".*/\1/p' "$1" 2>/dev/null | head -n 1
+}
+
 n=0
-copy_stages() {  # copy_stages PARENT DEST_PARENT MARKER: each PARENT/<stage>/ holding MARKER (a finished stage)
-  local stage
+copy_stages() {  # copy_stages PARENT DEST_PARENT MARKER [RERUNS]: each PARENT/<stage>/ holding MARKER (finished)
+  local stage dest ck
   for stage in "$1"/*/; do
     stage=${stage%/}
     if [ "$(basename "$stage")" != base ] && [ -f "$stage/$3" ]; then
-      copy_files "$stage" "$2/$(basename "$stage")"; n=$((n + 1))
+      dest=$2/$(basename "$stage")
+      if [ -n "${4:-}" ] && [ -f "$dest/DONE" ]; then  # a training stage saved before: keep that record
+        ck=$(checksum "$stage/DONE")
+        [ "$ck" = "$(checksum "$dest/DONE")" ] && continue  # the same weights trained again
+        dest=$4/$(basename "$stage")-${ck:0:8}  # retrained to other weights (another machine's rounding)
+      fi
+      copy_files "$stage" "$dest"; n=$((n + 1))
     fi
   done
 }
@@ -62,8 +76,8 @@ for run in "$FROM"/s1?; do
   copy_files "$run" "$TO/$name"
   copy_stages "$run/eval" "$TO/$name/eval" summary.json
   if [ "$MODE" = save ]; then
-    copy_stages "$run/align" "$TO/$name/align" DONE
-    copy_stages "$run/finetune" "$TO/$name/finetune" DONE
+    copy_stages "$run/align" "$TO/$name/align" DONE "$TO/reruns/$name/align"
+    copy_stages "$run/finetune" "$TO/$name/finetune" DONE "$TO/reruns/$name/finetune"
   fi
 done
 copy_stages "$FROM/cache/eval-base" "$TO/cache/eval-base" summary.json
