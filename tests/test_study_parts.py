@@ -16,10 +16,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import stat
 import subprocess
 
 import pytest
+
+from tests.script_stub import install_python_stub
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STUDY_SCRIPTS = os.path.join(ROOT, "configs", "real", "study")
@@ -42,11 +43,7 @@ def tree(tmp_path):
     study_dir.mkdir(parents=True)
     for name in ("run_parts.sh", "analyse.sh"):
         shutil.copy(os.path.join(STUDY_SCRIPTS, name), study_dir / name)
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    stub = bin_dir / "python"
-    stub.write_text(STUB)
-    stub.chmod(stub.stat().st_mode | stat.S_IEXEC)
+    bin_dir = install_python_stub(tmp_path, STUB)
     study = tmp_path / "study"
     for s in (10, 11):
         (study / f"s{s}").mkdir(parents=True)

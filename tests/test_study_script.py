@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import stat
 import subprocess
 
 import pytest
+
+from tests.script_stub import install_python_stub
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "configs", "real", "study", "run_study.sh")
@@ -41,11 +42,7 @@ def tree(tmp_path):
     study = tmp_path / "repo" / "configs" / "real" / "study"
     study.mkdir(parents=True)
     shutil.copy(SCRIPT, study / "run_study.sh")
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    stub = bin_dir / "python"
-    stub.write_text(STUB)
-    stub.chmod(stub.stat().st_mode | stat.S_IEXEC)
+    bin_dir = install_python_stub(tmp_path, STUB)
     calls = tmp_path / "calls.txt"
     env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", CALLS=str(calls), LANE_POLL_S="0.05",
                STUDY_DIR=str(tmp_path / "study"))
