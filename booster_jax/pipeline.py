@@ -2,11 +2,13 @@
 
 The grid (variants x seeds x harmful ratios) expands into plain ``Config`` objects, one per run;
 every stage is keyed by a directory name and a config fingerprint, so a rerun reuses what is
-finished and resumes what is not.
+finished and resumes what is not. A model is trained (or restored) only when an unfinished evaluation
+or a later stage needs it: finished evaluations copied to a new machine do not retrain their models.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -16,7 +18,7 @@ import jax
 
 from booster_jax import files, rundir
 from booster_jax.config import Config, apply_overrides, cache_dir, save_config
-from booster_jax.eval.evaluate import benign_prompts, eval_inputs, eval_sets, evaluate, make_judge
+from booster_jax.eval.evaluate import benign_prompts, eval_inputs, eval_sets, evaluate, finished, make_judge
 from booster_jax.fingerprint import InputLog, combine, set_cache_file
 from booster_jax.train import stages
 
@@ -102,25 +104,35 @@ def _run_pipeline(cfg: Config, only: str | None, progress: bool) -> list[dict]:
         inputs.check(f"align {run.name}", stages.align_inputs(rc, base))
         afp = stages.align_fingerprint(rc, base)
         align_dir = os.path.join(out, "align", afp)
-        align_lora = stages.run_align(rc, base, align_dir, progress, cache_dir=cache)
-        _note_variant(align_dir, run.name)  # after the stage claimed its directory
+        # Trained (or restored) on first use only: where every evaluation that needs the aligned model is
+        # finished (a rerun whose checkpoints are gone, e.g. evaluations copied to a new machine), it is not.
+        align_lora = functools.cache(functools.partial(_align, rc, base, align_dir, run.name, progress, cache))
+        if not do_eval:
+            align_lora()
         before = None
         if do_eval:
             inputs.check(f"evaluate {run.name} aligned", eval_inputs(rc, afp))
-            before = evaluate(rc, base, forward, base.params, align_lora,
-                              os.path.join(out, "eval", f"aligned-{afp}"), f"{run.name} aligned", judge, afp)
+            aligned_dir = os.path.join(out, "eval", f"aligned-{afp}")
+            before = evaluate(rc, base, forward, base.params, None if finished(rc, aligned_dir, afp) else align_lora(),
+                              aligned_dir, f"{run.name} aligned", judge, afp)
         if only == "align":
             continue
         for p in cfg.grid.harmful_ratios:
             pc = with_ratio(rc, p)
             tag = f"{run.name}-p{p:g}"
             inputs.check(f"finetune {tag}", stages.finetune_inputs(pc, afp))
-            frozen, lora = stages.run_finetune(pc, base, align_lora, afp, os.path.join(out, "finetune", tag), progress)
+            ffp = stages.finetune_fingerprint(pc, afp)
+            eval_dir = os.path.join(out, "eval", tag)
+            if do_eval and finished(pc, eval_dir, ffp):
+                log.info("finetune %s: not run: its evaluation is finished (%s)", tag, eval_dir)
+                frozen = lora = None
+            else:
+                frozen, lora = stages.run_finetune(pc, base, align_lora(), afp, os.path.join(out, "finetune", tag),
+                                                   progress)
             if not do_eval:
                 continue
-            ffp = stages.finetune_fingerprint(pc, afp)
             inputs.check(f"evaluate {tag}", eval_inputs(pc, ffp))
-            after = evaluate(pc, base, forward, frozen, lora, os.path.join(out, "eval", tag), tag, judge, ffp)
+            after = evaluate(pc, base, forward, frozen, lora, eval_dir, tag, judge, ffp)
             summaries.append({
                 "method": run.variant, "seed": run.seed, "harmful_ratio": p, "judge": after["judge"],
                 "task": after["task"], "hs_before": before["hs"], "hs_after": after["hs"], "fa": after["fa"],
@@ -131,6 +143,8 @@ def _run_pipeline(cfg: Config, only: str | None, progress: bool) -> list[dict]:
                 + after.get("warnings", []),
             })
             summaries[-1]["missing"] = _missing(summaries[-1], before, after)
+        if not align_lora.cache_info().currsize:
+            log.info("align %s: not run: every evaluation that needs it is finished", run.name)
     if summaries and jax.process_index() == 0:
         files.write_json_atomic(os.path.join(out, "summaries.json"), {"base": base_eval, "runs": summaries}, indent=2)
     return summaries
@@ -183,6 +197,13 @@ def evaluate_base(cfg: Config, base, forward, judge, out_dir: str, cache: str | 
     if jax.process_index() == 0:
         shutil.copytree(where, out_dir, dirs_exist_ok=True)
     return summary
+
+
+def _align(cfg: Config, base, align_dir: str, name: str, progress: bool, cache: str | None):
+    """The aligned LoRA: trained, resumed or restored from ``align_dir``."""
+    lora = stages.run_align(cfg, base, align_dir, progress, cache_dir=cache)
+    _note_variant(align_dir, name)  # after the stage claimed its directory
+    return lora
 
 
 def _note_variant(stage_dir: str, name: str) -> None:

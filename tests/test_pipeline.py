@@ -148,3 +148,29 @@ def test_plan_runs_before_the_data_files_exist_and_training_still_needs_them(tmp
     err = capsys.readouterr().err
     assert "4 problems" in err and all(f"data.{k}: no such file: {v}" in err for k, v in files.items())
     assert not os.path.exists(f"{tmp_path}/run")
+
+
+def test_finished_evaluations_need_no_training(world, tmp_path):
+    """Evaluations copied to a machine without the checkpoints (or whose checkpoints were deleted): the rerun
+    trains nothing whose evaluations are all finished, and exactly what an unfinished evaluation needs."""
+    import shutil
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    args = lambda out: [SMOKE, f"world.dir={world}", f"run.output_dir={out}", "--no-progress"]  # noqa: E731
+    assert cli.main(args(first)) == 0
+    numbers = lambda out: {(r["method"], r["harmful_ratio"]): {k: v for k, v in r.items() if k != "curve"}  # noqa: E731
+                           for r in json.load(open(out / "summaries.json"))["runs"]}
+    shutil.copytree(first / "eval", second / "eval")
+    shutil.copy(first / ".booster-jax-run", second)  # the run directory's marker: it is a booster-jax run
+    assert cli.main(args(second)) == 0
+    assert not (second / "align").exists() and not (second / "finetune").exists()
+    assert numbers(second) == numbers(first)
+
+    shutil.rmtree(second / "eval" / "booster-s0-p0.1")  # one attack's evaluation is missing
+    assert cli.main(args(second)) == 0
+    assert [p.name for p in (second / "finetune").iterdir()] == ["booster-s0-p0.1"]
+    (aligned,) = (second / "align").iterdir()
+    assert open(aligned / "variants.txt").read() == "booster-s0\n"  # only the alignment that attack starts from
+    assert numbers(second) == numbers(first)  # retrained to the same numbers
+    runs = json.load(open(second / "summaries.json"))["runs"]
+    assert [bool(r["curve"]) for r in runs] == [r["method"] == "booster" and r["harmful_ratio"] == 0.1 for r in runs]

@@ -152,9 +152,21 @@ def generation_kwargs(cfg: Config, tokenizer, model, frozen, lora) -> dict:
                 add_special_tokens=special_tokens_for(cfg.data.template))
 
 
+def finished(cfg: Config, out_dir: str, fingerprint: str = "") -> bool:
+    """The evaluation at ``out_dir`` is finished under this configuration, so ``evaluate`` returns its summary
+    without touching a model. Read-only, and stricter than ``evaluate``'s own check (a damaged fingerprint
+    file counts as unfinished): the pipeline skips training a model that only finished evaluations need."""
+    fp = fingerprint_mod.combine(eval_inputs(cfg, fingerprint))
+    if rundir.recorded_fingerprint(out_dir)[0] != fp:
+        return False
+    old, _ = files.read_json(os.path.join(out_dir, "summary.json"))
+    return isinstance(old, dict) and old.get("fingerprint") == fp
+
+
 def evaluate(cfg: Config, base, forward, frozen, lora, out_dir: str, name: str, judge=None,
              fingerprint: str = "") -> dict:
-    """Evaluate one model (frozen params + LoRA); returns the summary (also at ``out_dir/summary.json``)."""
+    """Evaluate one model (frozen params + LoRA); returns the summary (also at ``out_dir/summary.json``).
+    A finished evaluation (``finished``) is returned as it is: ``frozen`` and ``lora`` may then be None."""
     summary_path = os.path.join(out_dir, "summary.json")
     fp = fingerprint_mod.combine(eval_inputs(cfg, fingerprint))
     if rundir.claim_stage_dir(out_dir, fp):  # the one fingerprint check: another config's dir is moved aside
