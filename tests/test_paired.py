@@ -306,3 +306,24 @@ def test_notes_when_seeds_differ_in_prompts_or_judge(tmp_path):
 
 def test_seeds_sort_as_numbers():
     assert sorted([10, "b", 7, "10", 2.5], key=paired.seed_order) == [2.5, 7, 10, "10", "b"]
+
+
+def test_paired_plot_legend_and_colours_cover_every_panels_seeds():
+    """Panels with different seeds (the study: 8 seeds at p = 0.1, 4 at p = 0): the legend lists every seed,
+    and a seed's line has one colour in every panel."""
+    from types import SimpleNamespace
+
+    from matplotlib.colors import to_hex
+
+    from booster_jax.eval.report import _paired_figure
+
+    cell = lambda p, seeds: SimpleNamespace(ratio=p, seeds=seeds, a=[50.0] * len(seeds), b=[30.0] * len(seeds),  # noqa: E731
+                                            mean=-20.0, primary=(-25.0, -15.0), ci_prompts=True, verdict="protects")
+    fig = _paired_figure([cell(0.0, [12, 13]), cell(0.1, [10, 11, 12, 13])], "sft", "booster", "t")
+    (legend,) = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == ["seed 10", "seed 11", "seed 12", "seed 13", "mean"]
+    colours = [{l.get_label(): to_hex(l.get_color()) for l in ax.get_lines()} for ax in fig.axes]
+    assert colours[0]["seed 12"] == colours[1]["seed 12"] and colours[0]["seed 13"] == colours[1]["seed 13"]
+    assert len({colours[1][f"seed {s}"] for s in (10, 11, 12, 13)}) == 4
+    legend_colours = {t.get_text(): to_hex(h.get_color()) for t, h in zip(legend.get_texts(), legend.legend_handles)}
+    assert all(legend_colours[k] == v for k, v in colours[1].items())

@@ -347,15 +347,24 @@ def summary_warnings(summaries) -> list[str]:
 
 
 def _plot_paired(cells, a: str, b: str, path: Path, title: str) -> None:
-    """One panel per harmful ratio: a line per seed from its A score to its B score, and the mean in black;
-    the panel's title holds the mean difference, the primary interval and the verdict (or why it is withheld)."""
-    from matplotlib.figure import Figure
+    _paired_figure(cells, a, b, title).savefig(path, dpi=110, format="png")
 
+
+def _paired_figure(cells, a: str, b: str, title: str):
+    """One panel per harmful ratio: a line per seed from its A score to its B score, and the mean in black;
+    the panel's title holds the mean difference, the primary interval and the verdict (or why it is withheld).
+    A seed keeps one colour in every panel, and the legend lists every seed of any panel (panels may hold
+    different seeds: a design with more seeds at one ratio)."""
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    seeds = sorted({s for c in cells for s in c.seeds})
+    colour = {s: f"C{i % 10}" for i, s in enumerate(seeds)}
     fig = Figure(figsize=(1.6 + 3.4 * len(cells), 4.2))
     axes = fig.subplots(1, len(cells), squeeze=False)[0]
     for ax, c in zip(axes, cells):
         for s, x, y in zip(c.seeds, c.a, c.b):
-            ax.plot([0, 1], [x, y], marker="o", alpha=0.7, label=f"seed {s}")
+            ax.plot([0, 1], [x, y], marker="o", alpha=0.7, color=colour[s], label=f"seed {s}")
         ax.plot([0, 1], [sum(c.a) / len(c.a), sum(c.b) / len(c.b)], color="black", lw=3, marker="s", label="mean")
         lo, hi = c.primary
         ax.set_title(f"p = {c.ratio:g}: B - A {c.mean:+.1f}\n95% CI [{lo:+.1f}, {hi:+.1f}] "
@@ -366,11 +375,12 @@ def _plot_paired(cells, a: str, b: str, path: Path, title: str) -> None:
         ax.set_ylabel("Post-attack harmful score (%)")
         ax.grid(alpha=0.3)
         _percent_axis(ax)
-    handles, labels = axes[0].get_legend_handles_labels()
+    handles = [Line2D([], [], color=colour[s], marker="o", alpha=0.7) for s in seeds]
+    handles.append(Line2D([], [], color="black", lw=3, marker="s"))
     fig.suptitle(title)
     fig.tight_layout(rect=(0, 0, 1 - 1.3 / fig.get_figwidth(), 1))
-    fig.legend(handles, labels, loc="center right", fontsize=8)
-    fig.savefig(path, dpi=110, format="png")
+    fig.legend(handles, [f"seed {s}" for s in seeds] + ["mean"], loc="center right", fontsize=8)
+    return fig
 
 
 def default_pairs(methods: list[str], reference: str = "sft") -> list[tuple[str, str]]:
