@@ -113,8 +113,9 @@ def _run_pipeline(cfg: Config, only: str | None, progress: bool) -> list[dict]:
         if do_eval:
             inputs.check(f"evaluate {run.name} aligned", eval_inputs(rc, afp))
             aligned_dir = os.path.join(out, "eval", f"aligned-{afp}")
-            before = evaluate(rc, base, forward, base.params, None if finished(rc, aligned_dir, afp) else align_lora(),
-                              aligned_dir, f"{run.name} aligned", judge, afp)
+            done = finished(rc, aligned_dir, afp)
+            before = evaluate(rc, base, forward, base.params, None if done else align_lora(), aligned_dir,
+                              f"{run.name} aligned", judge, afp, reuse_only=done)
         if only == "align":
             continue
         for p in cfg.grid.harmful_ratios:
@@ -122,23 +123,25 @@ def _run_pipeline(cfg: Config, only: str | None, progress: bool) -> list[dict]:
             tag = f"{run.name}-p{p:g}"
             inputs.check(f"finetune {tag}", stages.finetune_inputs(pc, afp))
             ffp = stages.finetune_fingerprint(pc, afp)
-            eval_dir = os.path.join(out, "eval", tag)
-            if do_eval and finished(pc, eval_dir, ffp):
+            eval_dir, ft_dir = os.path.join(out, "eval", tag), os.path.join(out, "finetune", tag)
+            skipped = do_eval and finished(pc, eval_dir, ffp)
+            if skipped:
                 log.info("finetune %s: not run: its evaluation is finished (%s)", tag, eval_dir)
                 frozen = lora = None
             else:
-                frozen, lora = stages.run_finetune(pc, base, align_lora(), afp, os.path.join(out, "finetune", tag),
-                                                   progress)
+                frozen, lora = stages.run_finetune(pc, base, align_lora(), afp, ft_dir, progress)
             if not do_eval:
                 continue
             inputs.check(f"evaluate {tag}", eval_inputs(pc, ffp))
-            after = evaluate(pc, base, forward, frozen, lora, eval_dir, tag, judge, ffp)
+            after = evaluate(pc, base, forward, frozen, lora, eval_dir, tag, judge, ffp, reuse_only=skipped)
+            # a skipped attack's directory was not claimed: its curve counts only if it finished under this config
+            curve = _curve(os.path.join(ft_dir, "track.jsonl")) if not skipped or _finished_stage(ft_dir, ffp) else []
             summaries.append({
                 "method": run.variant, "seed": run.seed, "harmful_ratio": p, "judge": after["judge"],
                 "task": after["task"], "hs_before": before["hs"], "hs_after": after["hs"], "fa": after["fa"],
                 "fa_before": before["fa"], "refused_before": before.get("refused_benign"),
                 "refused_after": after.get("refused_benign"),
-                "curve": _curve(os.path.join(out, "finetune", tag, "track.jsonl")),
+                "curve": curve,
                 "warnings": (base_eval or {}).get("warnings", []) + before.get("warnings", [])
                 + after.get("warnings", []),
             })
@@ -204,6 +207,13 @@ def _align(cfg: Config, base, align_dir: str, name: str, progress: bool, cache: 
     lora = stages.run_align(cfg, base, align_dir, progress, cache_dir=cache)
     _note_variant(align_dir, name)  # after the stage claimed its directory
     return lora
+
+
+def _finished_stage(stage_dir: str, fingerprint: str) -> bool:
+    """A training stage finished under ``fingerprint`` (its DONE record and fingerprint file both say so)."""
+    done, _ = files.read_json(os.path.join(stage_dir, "DONE"))
+    return (isinstance(done, dict) and done.get("fingerprint") == fingerprint
+            and rundir.recorded_fingerprint(stage_dir)[0] == fingerprint)
 
 
 def _note_variant(stage_dir: str, name: str) -> None:

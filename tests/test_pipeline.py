@@ -150,9 +150,10 @@ def test_plan_runs_before_the_data_files_exist_and_training_still_needs_them(tmp
     assert not os.path.exists(f"{tmp_path}/run")
 
 
-def test_finished_evaluations_need_no_training(world, tmp_path):
+def test_finished_evaluations_need_no_training(world, tmp_path, caplog):
     """Evaluations copied to a machine without the checkpoints (or whose checkpoints were deleted): the rerun
     trains nothing whose evaluations are all finished, and exactly what an unfinished evaluation needs."""
+    import logging
     import shutil
 
     first, second = tmp_path / "first", tmp_path / "second"
@@ -162,9 +163,23 @@ def test_finished_evaluations_need_no_training(world, tmp_path):
                            for r in json.load(open(out / "summaries.json"))["runs"]}
     shutil.copytree(first / "eval", second / "eval")
     shutil.copy(first / ".booster-jax-run", second)  # the run directory's marker: it is a booster-jax run
-    assert cli.main(args(second)) == 0
-    assert not (second / "align").exists() and not (second / "finetune").exists()
+    partial = second / "finetune" / "sft-s0-p0.1"  # an attack killed here before its evaluation was copied in
+    partial.mkdir(parents=True)
+    shutil.copy(first / "finetune" / "sft-s0-p0.1" / "track.jsonl", partial)
+    with caplog.at_level(logging.INFO, logger="booster_jax.pipeline"):
+        assert cli.main(args(second)) == 0
+    assert not (second / "align").exists() and sorted(os.listdir(second / "finetune")) == ["sft-s0-p0.1"]
+    assert sorted(os.listdir(partial)) == ["track.jsonl"]  # not claimed, not trained
     assert numbers(second) == numbers(first)
+    assert all(r["curve"] == [] for r in json.load(open(second / "summaries.json"))["runs"])  # not the unfinished one's
+    skipped = [r.getMessage() for r in caplog.records if "not run" in r.getMessage()]
+    assert sum(m.startswith("align ") for m in skipped) == 2 and sum(m.startswith("finetune ") for m in skipped) == 4
+    from booster_jax.eval.layout import aligned_samples  # the pre-attack answers are found without align/
+
+    found = aligned_samples([str(second)], "booster", 0, 0.1)
+    assert found and os.path.relpath(found, second) == os.path.relpath(aligned_samples([str(first)], "booster", 0, 0.1),
+                                                                       first)
+    shutil.rmtree(partial)
 
     shutil.rmtree(second / "eval" / "booster-s0-p0.1")  # one attack's evaluation is missing
     assert cli.main(args(second)) == 0

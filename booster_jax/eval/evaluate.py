@@ -164,9 +164,11 @@ def finished(cfg: Config, out_dir: str, fingerprint: str = "") -> bool:
 
 
 def evaluate(cfg: Config, base, forward, frozen, lora, out_dir: str, name: str, judge=None,
-             fingerprint: str = "") -> dict:
+             fingerprint: str = "", reuse_only: bool = False) -> dict:
     """Evaluate one model (frozen params + LoRA); returns the summary (also at ``out_dir/summary.json``).
-    A finished evaluation (``finished``) is returned as it is: ``frozen`` and ``lora`` may then be None."""
+    A finished evaluation (``finished``) is returned as it is. ``reuse_only``: the caller passed no model
+    (``frozen``/``lora`` None) because ``finished`` said so; anything but a reuse is then a bug, not a
+    base-model evaluation."""
     summary_path = os.path.join(out_dir, "summary.json")
     fp = fingerprint_mod.combine(eval_inputs(cfg, fingerprint))
     if rundir.claim_stage_dir(out_dir, fp):  # the one fingerprint check: another config's dir is moved aside
@@ -178,9 +180,11 @@ def evaluate(cfg: Config, base, forward, frozen, lora, out_dir: str, name: str, 
             for w in old.get("warnings", []):
                 log.warning("%s", "!" * 20 + " " + w)
             return old
-        if why != "missing":
+        if why != "missing" and not reuse_only:
             warnings.warn(f"{summary_path}: unreadable evaluation summary ({why or 'not this evaluation'}); "
                           "redoing the evaluation", UserWarning, stacklevel=2)
+    if reuse_only:
+        raise RuntimeError(f"{out_dir}: expected a finished evaluation to reuse, found none (no model was passed)")
     harmful, task = eval_sets(cfg)
     judge = judge or make_judge(cfg)
     tok = base.tokenizer

@@ -84,9 +84,16 @@ def _recorded_alignment(run_dir: str, variant: str, seed, ratio: float | None) -
 
 
 def aligned_samples(run_dirs: Sequence[str], variant: str, seed, ratio: float | None = None) -> str | None:
-    """The pre-attack evaluation's samples.jsonl of ``<variant>-s<seed>`` (``eval/aligned-<align fp>``)."""
+    """The pre-attack evaluation's samples.jsonl of ``<variant>-s<seed>`` (``eval/aligned-<align fp>``). Without
+    an alignment directory (a run rebuilt from its evaluations trains no model, so writes no variants.txt),
+    the attack's recorded inputs name the alignment it started from."""
     adir = align_dir(run_dirs, variant, seed, ratio)
     if adir is None:
+        for d in run_dirs:
+            fp = _recorded_alignment(root(d), variant, seed, ratio)
+            path = os.path.join(root(d), "eval", f"aligned-{fp}", "samples.jsonl") if fp else None
+            if path and os.path.exists(path):
+                return path
         return None
     path = os.path.join(os.path.dirname(os.path.dirname(adir)), "eval", f"aligned-{os.path.basename(adir)}",
                         "samples.jsonl")

@@ -2,7 +2,8 @@
 # Issue 26's p = 0 / 0.2 cells on a machine that lacks the earlier stages' checkpoints (a new machine, after
 # cells.sh restore). The study's run.py (33df4fe) trains every stage of its grid that has no checkpoint, even
 # an attack whose evaluation was restored, so run_study.sh's full-grid call would retrain the p = 0.1 attacks
-# just to pass them (main's run.py no longer does: a model is trained only where an evaluation needs it). This runs each part -- one seed, one variant, some ratios -- with the same run.py and study.yaml,
+# just to pass them (main's run.py no longer does: a model is trained only where an evaluation needs it).
+# This runs each part -- one seed, one variant, some ratios -- with the same run.py and study.yaml,
 # restricting grid.variants and grid.harmful_ratios to what the part needs:
 #   PARTS="10:booster_paper:0,0.2 11:sft:0,0.2" bash configs/real/study/run_parts.sh
 # (seed:variant:ratios; variants sft and booster_paper, as study.yaml defines them). run.py writes the part's
