@@ -211,8 +211,10 @@ def _align(cfg: Config, base, align_dir: str, name: str, progress: bool, cache: 
 
 def _finished_stage(stage_dir: str, fingerprint: str) -> bool:
     """A training stage finished under ``fingerprint`` (its DONE record and fingerprint file both say so)."""
-    done, _ = files.read_json(os.path.join(stage_dir, "DONE"))
-    return (isinstance(done, dict) and done.get("fingerprint") == fingerprint
+    from booster_jax.train.checkpoint import StageStore
+
+    done = StageStore(stage_dir).read_done()
+    return (done is not None and done.get("fingerprint") == fingerprint
             and rundir.recorded_fingerprint(stage_dir)[0] == fingerprint)
 
 

@@ -157,10 +157,13 @@ def finished(cfg: Config, out_dir: str, fingerprint: str = "") -> bool:
     without touching a model. Read-only, and stricter than ``evaluate``'s own check (a damaged fingerprint
     file counts as unfinished): the pipeline skips training a model that only finished evaluations need."""
     fp = fingerprint_mod.combine(eval_inputs(cfg, fingerprint))
-    if rundir.recorded_fingerprint(out_dir)[0] != fp:
-        return False
-    old, _ = files.read_json(os.path.join(out_dir, "summary.json"))
-    return isinstance(old, dict) and old.get("fingerprint") == fp
+    return rundir.recorded_fingerprint(out_dir)[0] == fp and _stored_summary(out_dir, fp)[0] is not None
+
+
+def _stored_summary(out_dir: str, fp: str) -> tuple[dict | None, str | None]:
+    """(the summary this evaluation wrote, None), or (None, why there is none to reuse)."""
+    old, why = files.read_json(os.path.join(out_dir, "summary.json"))
+    return (old, None) if isinstance(old, dict) and old.get("fingerprint") == fp else (None, why)
 
 
 def evaluate(cfg: Config, base, forward, frozen, lora, out_dir: str, name: str, judge=None,
@@ -172,8 +175,8 @@ def evaluate(cfg: Config, base, forward, frozen, lora, out_dir: str, name: str, 
     summary_path = os.path.join(out_dir, "summary.json")
     fp = fingerprint_mod.combine(eval_inputs(cfg, fingerprint))
     if rundir.claim_stage_dir(out_dir, fp):  # the one fingerprint check: another config's dir is moved aside
-        old, why = files.read_json(summary_path)
-        if isinstance(old, dict) and old.get("fingerprint") == fp:
+        old, why = _stored_summary(out_dir, fp)
+        if old is not None:
             old = files.nan_for_null(old, SUMMARY_NUMBERS)  # written as null (strict JSON), computed with as NaN
             log.info("evaluation %s: finished, reusing %s", name, summary_path)
             log_result(name, old, summary_path)

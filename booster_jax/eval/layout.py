@@ -88,13 +88,10 @@ def aligned_samples(run_dirs: Sequence[str], variant: str, seed, ratio: float | 
     an alignment directory (a run rebuilt from its evaluations trains no model, so writes no variants.txt),
     the attack's recorded inputs name the alignment it started from."""
     adir = align_dir(run_dirs, variant, seed, ratio)
-    if adir is None:
-        for d in run_dirs:
-            fp = _recorded_alignment(root(d), variant, seed, ratio)
-            path = os.path.join(root(d), "eval", f"aligned-{fp}", "samples.jsonl") if fp else None
-            if path and os.path.exists(path):
-                return path
-        return None
-    path = os.path.join(os.path.dirname(os.path.dirname(adir)), "eval", f"aligned-{os.path.basename(adir)}",
-                        "samples.jsonl")
-    return path if os.path.exists(path) else None
+    found = ([(os.path.dirname(os.path.dirname(adir)), os.path.basename(adir))] if adir is not None else
+             [(root(d), _recorded_alignment(root(d), variant, seed, ratio)) for d in run_dirs])
+    for run_root, fp in found:
+        path = os.path.join(run_root, "eval", f"aligned-{fp}", "samples.jsonl")
+        if fp and os.path.exists(path):
+            return path
+    return None
